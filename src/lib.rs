@@ -1,0 +1,12 @@
+//! xoauth2-proxy: lets mail clients that only know passwords use Gmail. Clients log in to the
+//! proxy with a local app password; the proxy logs in upstream with SASL XOAUTH2 using an OAuth
+//! access token it keeps fresh, then splices the connection.
+
+pub mod accounts;
+pub mod config;
+pub mod oauth;
+pub mod protocol;
+pub mod proxy;
+pub mod secret;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,209 @@
+//! The running proxy: binds listeners, accepts connections under a global cap, hands each to
+//! its protocol driver, and shuts down gracefully. `serve` takes already-bound listeners and a
+//! shutdown future, so tests run the real thing on port 0.
+
+mod imap;
+pub mod login;
+pub mod stream;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accounts::Accounts;
+use crate::config::{Config, ListenerConfig, LocalTls, Protocol};
+use crate::oauth::TokenManager;
+use crate::store::Store;
+
+/// Everything shared by all connections.
+pub struct App {
+    pub config: Config,
+    pub accounts: Arc<Accounts>,
+    pub tokens: TokenManager,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<Arc<App>, String> {
+        let store = Store::open(&config.state_dir, &config.store).map_err(|e| e.to_string())?;
+        let accounts = Arc::new(Accounts::new(&config, store).map_err(|e| e.to_string())?);
+        let tokens = TokenManager::new(&config, accounts.clone())?;
+        Ok(Arc::new(App {
+            config,
+            accounts,
+            tokens,
+        }))
+    }
+}
+
+/// One listener's settings and TLS material, shared by its connections.
+pub struct ListenerCtx {
+    pub config: ListenerConfig,
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+}
+
+pub struct BoundListener {
+    ctx: Arc<ListenerCtx>,
+    tcp: TcpListener,
+}
+
+impl BoundListener {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.tcp.local_addr().unwrap_or(self.ctx.config.bind)
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.ctx.config.protocol
+    }
+}
+
+/// Bind every configured listener, or fail with a one-line reason naming the listener.
+pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
+    let server_tls = match &config.tls {
+        Some(t) if config.listeners.iter().any(|l| l.local_tls != LocalTls::None) => {
+            Some(crate::tls::server_config(&t.cert, &t.key)?)
+        }
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let upstream_tls = crate::tls::client_config(l.upstream_ca.as_deref())
+            .map_err(|e| format!("{} listener on {}: {e}", l.protocol.name(), l.bind))?;
+        let tcp = TcpListener::bind(l.bind).await.map_err(|e| {
+            format!("{} listener: cannot bind {}: {e}", l.protocol.name(), l.bind)
+        })?;
+        out.push(BoundListener {
+            ctx: Arc::new(ListenerCtx {
+                config: l.clone(),
+                server_tls: server_tls.clone(),
+                upstream_tls,
+            }),
+            tcp,
+        });
+    }
+    Ok(out)
+}
+
+/// Run until `shutdown` resolves, then stop accepting, give open sessions the grace period,
+/// and return.
+pub async fn serve(app: Arc<App>, listeners: Vec<BoundListener>, shutdown: impl Future<Output = ()>) {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(app.config.limits.max_connections));
+    for l in listeners {
+        tracing::info!(
+            protocol = l.protocol().name(),
+            bind = %l.local_addr(),
+            upstream = %l.ctx.config.upstream(),
+            "listening"
+        );
+        tracker.spawn(accept_loop(
+            app.clone(),
+            l,
+            cancel.clone(),
+            tracker.clone(),
+            permits.clone(),
+        ));
+    }
+    shutdown.await;
+    cancel.cancel();
+    tracker.close();
+    let grace = app.config.limits.shutdown_grace;
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::info!(open = tracker.len(), "grace period over; closing remaining sessions");
+    }
+}
+
+async fn accept_loop(
+    app: Arc<App>,
+    listener: BoundListener,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.tcp.accept() => r,
+            _ = cancel.cancelled() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = listener.ctx.clone();
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let app = app.clone();
+                let cancel = cancel.clone();
+                tracker.spawn(async move {
+                    handle(app, ctx, tcp, peer, cancel).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "connection limit reached; refusing connection");
+                tracker.spawn(refuse_busy(ctx.config.protocol, tcp));
+            }
+        }
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    ctx: Arc<ListenerCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) {
+    let conn = Conn { app, ctx, peer };
+    match conn.ctx.config.protocol {
+        Protocol::Imap => imap::handle(conn, tcp, cancel).await,
+        Protocol::Smtp | Protocol::Pop3 => {
+            tracing::warn!(%peer, "protocol not supported yet");
+        }
+    }
+}
+
+async fn refuse_busy(protocol: Protocol, mut tcp: TcpStream) {
+    let line: &[u8] = match protocol {
+        Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections to xoauth2-proxy, try again later\r\n",
+        Protocol::Smtp => b"421 4.7.0 Too many connections to xoauth2-proxy, try again later\r\n",
+        Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections to xoauth2-proxy, try again later\r\n",
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(line)).await;
+}
+
+/// One client connection's context.
+pub struct Conn {
+    pub app: Arc<App>,
+    pub ctx: Arc<ListenerCtx>,
+    pub peer: SocketAddr,
+}
+
+/// After authentication: copy bytes both ways until both sides are done, nothing parsed.
+pub async fn splice(mut client: stream::Stream, mut upstream: stream::Stream) -> std::io::Result<(u64, u64)> {
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUF, SPLICE_BUF).await
+}
+
+const SPLICE_BUF: usize = 16 * 1024;

@@ -1,0 +1,147 @@
+//! Connecting to the upstream server and driving a protocol's upstream login machine over it,
+//! including the one refresh-and-retry after Gmail rejects a token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+use super::login::Failure;
+use super::stream::Stream;
+use super::Conn;
+use crate::config::UpstreamTls;
+use crate::oauth::AccessToken;
+use crate::protocol::sasl::xoauth2;
+use crate::protocol::{UpAction, UpOutcome, UpstreamMachine};
+use crate::secret::Secret;
+
+/// A logged-in upstream connection.
+pub struct Upstream {
+    pub stream: Stream,
+    /// The server's success answer, for the client.
+    pub relay: Vec<u8>,
+    /// Bytes the server sent after it.
+    pub leftover: Vec<u8>,
+}
+
+fn temporary(detail: String) -> Failure {
+    Failure::Temporary { detail }
+}
+
+/// TCP (and for implicit TLS, the handshake) to the listener's upstream.
+pub async fn connect(conn: &Conn, deadline: Instant) -> Result<Stream, Failure> {
+    let cfg = &conn.ctx.config;
+    let target = cfg.upstream();
+    let tcp = timeout_at(
+        deadline,
+        TcpStream::connect((cfg.upstream_host.as_str(), cfg.upstream_port)),
+    )
+    .await
+    .map_err(|_| temporary(format!("connecting to {target} timed out")))?
+    .map_err(|e| temporary(format!("cannot connect to {target}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    match cfg.upstream_tls {
+        UpstreamTls::Implicit => timeout_at(
+            deadline,
+            Stream::connect_tls(tcp, conn.ctx.upstream_tls.clone(), &cfg.upstream_host),
+        )
+        .await
+        .map_err(|_| temporary(format!("TLS handshake with {target} timed out")))?
+        .map_err(|e| temporary(format!("TLS with {target} failed: {e}"))),
+        UpstreamTls::Starttls => Ok(Stream::Plain(tcp)),
+    }
+}
+
+/// Connect and log in upstream as `email` with `token`; on a token rejection, refresh once and
+/// retry on the same connection.
+pub async fn login<M: UpstreamMachine>(
+    conn: &Conn,
+    email: &str,
+    mut token: Arc<AccessToken>,
+    make: impl FnOnce(Secret) -> M,
+) -> Result<Upstream, Failure> {
+    let app = &conn.app;
+    let key = crate::config::normalize_email(email);
+    let target = conn.ctx.config.upstream();
+    let deadline = Instant::now() + app.config.limits.upstream_timeout;
+    let mut stream = connect(conn, deadline).await?;
+    let mut machine = make(xoauth2(email, &token.token));
+    let mut retried = false;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        while let Some(action) = machine.next_action() {
+            match action {
+                UpAction::Send(bytes) => {
+                    timeout_at(deadline, stream.write_all(bytes.expose()))
+                        .await
+                        .map_err(|_| temporary(format!("{target} stopped responding")))?
+                        .map_err(|e| temporary(format!("connection to {target} failed: {e}")))?;
+                }
+                UpAction::StartTls => {
+                    stream = timeout_at(
+                        deadline,
+                        stream.upgrade_client(
+                            conn.ctx.upstream_tls.clone(),
+                            &conn.ctx.config.upstream_host,
+                        ),
+                    )
+                    .await
+                    .map_err(|_| temporary(format!("STARTTLS with {target} timed out")))?
+                    .map_err(|e| temporary(format!("STARTTLS with {target} failed: {e}")))?;
+                    machine.tls_established();
+                }
+                UpAction::Done(UpOutcome::Success { relay, leftover }) => {
+                    return Ok(Upstream {
+                        stream,
+                        relay,
+                        leftover,
+                    });
+                }
+                UpAction::Done(UpOutcome::Rejected {
+                    challenge,
+                    line,
+                    token_rejected,
+                }) => {
+                    if !token_rejected {
+                        tracing::warn!(account = %email, upstream = %target, reply = %line, "upstream refused login");
+                        return Err(Failure::UpstreamRefused { line });
+                    }
+                    let detail = challenge
+                        .as_ref()
+                        .map(|c| c.describe())
+                        .unwrap_or_else(|| crate::protocol::imap::printable(line.as_bytes()));
+                    if retried {
+                        tracing::warn!(account = %email, upstream = %target, %detail, "upstream rejected a freshly refreshed token");
+                        return Err(Failure::TokenRejected {
+                            email: email.to_string(),
+                            detail,
+                        });
+                    }
+                    tracing::info!(account = %email, upstream = %target, %detail, "upstream rejected the access token; refreshing once");
+                    retried = true;
+                    app.tokens.invalidate(&key, &token);
+                    token = app.tokens.get(&key).await.map_err(Failure::from)?;
+                    machine.retry(xoauth2(email, &token.token));
+                }
+                UpAction::Done(UpOutcome::Failed(why)) => {
+                    tracing::warn!(account = %email, upstream = %target, %why, "upstream login failed");
+                    return Err(temporary(format!("{target}: {why}")));
+                }
+            }
+        }
+        let n = timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .map_err(|_| temporary(format!("{target} did not answer within {}s", secs(app.config.limits.upstream_timeout))))?
+            .map_err(|e| temporary(format!("connection to {target} failed: {e}")))?;
+        if n == 0 {
+            return Err(temporary(format!("{target} closed the connection during login")));
+        }
+        machine.feed(&buf[..n]);
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs()
+}
