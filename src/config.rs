@@ -265,7 +265,11 @@ pub fn resolve_path(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
         Some(p) => PathBuf::from(p),
         None => match std::env::var_os("HOME") {
             Some(home) => PathBuf::from(home).join(".config"),
-            None => return Err(ConfigError::NoDefault("~/.config/xoauth2-proxy/config.toml".into())),
+            None => {
+                return Err(ConfigError::NoDefault(
+                    "~/.config/xoauth2-proxy/config.toml".into(),
+                ))
+            }
         },
     };
     Ok(base.join("xoauth2-proxy").join("config.toml"))
@@ -302,7 +306,13 @@ impl Config {
             .map(Path::to_path_buf)
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
-        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
 
         let state_dir = match &raw.state_dir {
             Some(p) => resolve(p),
@@ -326,7 +336,9 @@ impl Config {
                 ))
             })?;
             if !binds.insert(bind) {
-                return Err(invalid(format!("{which}: another listener already binds {bind}")));
+                return Err(invalid(format!(
+                    "{which}: another listener already binds {bind}"
+                )));
             }
             if l.local_tls != LocalTls::None && tls.is_none() {
                 return Err(invalid(format!(
@@ -336,7 +348,9 @@ impl Config {
                 .replace("Starttls", "\"starttls\"")
                 .replace("Implicit", "\"implicit\"")));
             }
-            if l.local_tls == LocalTls::None && !bind.ip().is_loopback() && !l.allow_plaintext_remote
+            if l.local_tls == LocalTls::None
+                && !bind.ip().is_loopback()
+                && !l.allow_plaintext_remote
             {
                 return Err(invalid(format!(
                     "{which}: local_tls = \"none\" on a non-loopback address would send passwords in clear; use local_tls = \"starttls\" or \"implicit\", or set allow_plaintext_remote = true"
@@ -346,8 +360,11 @@ impl Config {
                 .upstream
                 .clone()
                 .unwrap_or_else(|| l.protocol.default_upstream().to_string());
-            let (host, port) = split_host_port(&upstream)
-                .ok_or_else(|| invalid(format!("{which}: upstream must be HOST:PORT, got {upstream:?}")))?;
+            let (host, port) = split_host_port(&upstream).ok_or_else(|| {
+                invalid(format!(
+                    "{which}: upstream must be HOST:PORT, got {upstream:?}"
+                ))
+            })?;
             listeners.push(ListenerConfig {
                 protocol: l.protocol,
                 bind,
@@ -367,7 +384,10 @@ impl Config {
             token_url: g.token_url.unwrap_or_else(|| GOOGLE_TOKEN_URL.to_string()),
             scope: g.scope.unwrap_or_else(|| GMAIL_SCOPE.to_string()),
         };
-        for (key, url) in [("auth_url", &google.auth_url), ("token_url", &google.token_url)] {
+        for (key, url) in [
+            ("auth_url", &google.auth_url),
+            ("token_url", &google.token_url),
+        ] {
             check_endpoint_url(url)
                 .map_err(|m| invalid(format!("[providers.google] {key} = {url:?}: {m}")))?;
         }
@@ -395,7 +415,11 @@ impl Config {
 
         let d = Limits::default();
         let limits = Limits {
-            max_connections: raw.limits.max_connections.unwrap_or(d.max_connections).max(1),
+            max_connections: raw
+                .limits
+                .max_connections
+                .unwrap_or(d.max_connections)
+                .max(1),
             preauth_timeout: raw
                 .limits
                 .preauth_timeout_secs
@@ -478,12 +502,18 @@ fn one_line_toml_error(e: &toml::de::Error) -> String {
     let reason = text
         .lines()
         .map(str::trim)
-        .rfind(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with(|c: char| c.is_ascii_digit()))
+        .rfind(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.starts_with(|c: char| c.is_ascii_digit())
+        })
         .unwrap_or_default();
     if reason == head || reason.is_empty() {
         head
     } else {
-        format!("{}: {}", head.trim_start_matches("TOML parse error at "), reason)
+        format!(
+            "{}: {}",
+            head.trim_start_matches("TOML parse error at "),
+            reason
+        )
     }
 }
 
@@ -563,7 +593,10 @@ email = "Alice@Gmail.com"
         assert_eq!(tls.key, PathBuf::from("/abs/k.pem"));
         assert_eq!(c.listeners[0].upstream(), "imap.gmail.com:993");
         assert_eq!(c.listeners[0].upstream_tls, UpstreamTls::Implicit);
-        assert_eq!(c.listeners[0].upstream_ca, Some(PathBuf::from("/etc/xo/ca.pem")));
+        assert_eq!(
+            c.listeners[0].upstream_ca,
+            Some(PathBuf::from("/etc/xo/ca.pem"))
+        );
         assert_eq!(c.listeners[1].upstream(), "smtp.gmail.com:465");
         assert_eq!(c.google.token_url, GOOGLE_TOKEN_URL);
         assert_eq!(c.google.scope, "https://mail.google.com/");
@@ -582,7 +615,8 @@ email = "Alice@Gmail.com"
 
     #[test]
     fn plaintext_on_a_remote_bind_is_refused_unless_allowed() {
-        let base = "state_dir = \"s\"\n[[listener]]\nprotocol = \"imap\"\nbind = \"0.0.0.0:1143\"\n";
+        let base =
+            "state_dir = \"s\"\n[[listener]]\nprotocol = \"imap\"\nbind = \"0.0.0.0:1143\"\n";
         let err = parse(base).unwrap_err().to_string();
         assert!(err.contains("allow_plaintext_remote"), "{err}");
         assert!(parse(&format!("{base}allow_plaintext_remote = true\n")).is_ok());
@@ -598,9 +632,11 @@ email = "Alice@Gmail.com"
 
     #[test]
     fn http_token_url_only_on_loopback() {
-        let ok = "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://127.0.0.1:9/token\"\n";
+        let ok =
+            "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://127.0.0.1:9/token\"\n";
         assert!(parse(ok).is_ok());
-        let bad = "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://example.com/token\"\n";
+        let bad =
+            "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://example.com/token\"\n";
         assert!(parse(bad).unwrap_err().to_string().contains("loopback"));
     }
 
@@ -609,7 +645,10 @@ email = "Alice@Gmail.com"
         let dup = "state_dir = \"s\"\n[[account]]\nemail = \"a@x.com\"\n[[account]]\nemail = \"A@x.com\"\n";
         assert!(parse(dup).unwrap_err().to_string().contains("twice"));
         let binds = "state_dir = \"s\"\n[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1\"\n[[listener]]\nprotocol = \"pop3\"\nbind = \"127.0.0.1:1\"\n";
-        assert!(parse(binds).unwrap_err().to_string().contains("already binds"));
+        assert!(parse(binds)
+            .unwrap_err()
+            .to_string()
+            .contains("already binds"));
     }
 
     #[test]

@@ -12,7 +12,11 @@ use xoauth2_proxy::secret::Secret;
 use xoauth2_proxy::store::Store;
 
 #[derive(Parser)]
-#[command(name = "xoauth2-proxy", version, about = "Lets password-only mail clients use Gmail through OAuth 2.0 (XOAUTH2)")]
+#[command(
+    name = "xoauth2-proxy",
+    version,
+    about = "Lets password-only mail clients use Gmail through OAuth 2.0 (XOAUTH2)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -129,7 +133,10 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve { config } => {
             let config = load(&config)?;
             if config.listeners.is_empty() {
-                return Err(format!("{}: no [[listener]] configured", config.path.display()));
+                return Err(format!(
+                    "{}: no [[listener]] configured",
+                    config.path.display()
+                ));
             }
             runtime()?.block_on(async {
                 let listeners = xoauth2_proxy::proxy::bind(&config).await?;
@@ -138,9 +145,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 Ok(())
             })
         }
-        Command::Import {
-            email, config, ..
-        } => {
+        Command::Import { email, config, .. } => {
             let config = load(&config)?;
             let acct = account(&config, &email)?;
             let client = config.oauth_client(acct)?;
@@ -182,7 +187,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     return Err("--label must be a non-empty name".into());
                 }
                 let store = open_store(&config)?;
-                let pw = accounts::add_password(&store, &acct.email, label).map_err(|e| e.to_string())?;
+                let pw = accounts::add_password(&store, &acct.email, label)
+                    .map_err(|e| e.to_string())?;
                 println!(
                     "New app password for {} (label {label:?}). It is shown only this once; use it as the password in your mail client:",
                     acct.email
@@ -217,7 +223,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 let config = load(&config)?;
                 let acct = account(&config, &email)?;
                 let store = open_store(&config)?;
-                if accounts::remove_password(&store, &acct.email, &label).map_err(|e| e.to_string())? {
+                if accounts::remove_password(&store, &acct.email, &label)
+                    .map_err(|e| e.to_string())?
+                {
                     println!("Removed the password {label:?} of {}.", acct.email);
                     Ok(())
                 } else {

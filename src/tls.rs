@@ -76,7 +76,11 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
 
 /// Write a self-signed certificate for localhost, 127.0.0.1 and ::1 (key 0600).
 pub fn write_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), String> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     let certified = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
     for path in [cert_path, key_path] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -86,7 +90,8 @@ pub fn write_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), String
     }
     crate::store::write_atomic(key_path, certified.signing_key.serialize_pem().as_bytes())
         .map_err(|e| e.to_string())?;
-    crate::store::write_atomic(cert_path, certified.cert.pem().as_bytes()).map_err(|e| e.to_string())?;
+    crate::store::write_atomic(cert_path, certified.cert.pem().as_bytes())
+        .map_err(|e| e.to_string())?;
     // The certificate is public; the key stays 0600 as write_atomic created it.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(cert_path, std::fs::Permissions::from_mode(0o644))

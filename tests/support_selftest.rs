@@ -130,18 +130,23 @@ async fn token_endpoint_rejects_wrong_client_credentials_with_401_invalid_client
     let resp = c
         .http_post_form(
             "/token",
-            &refresh_body(ALICE_REFRESH, "other.apps.googleusercontent.com", CLIENT_SECRET),
+            &refresh_body(
+                ALICE_REFRESH,
+                "other.apps.googleusercontent.com",
+                CLIENT_SECRET,
+            ),
             &[],
         )
         .await;
     assert_eq!(resp.status, 401);
     // Unknown grant type (valid client).
-    let body = format!(
-        "grant_type=password&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
-    );
+    let body = format!("grant_type=password&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}");
     let resp = c.http_post_form("/token", &body, &[]).await;
     assert_eq!(resp.status, 400);
-    assert_eq!(resp.json(), serde_json::json!({"error":"unsupported_grant_type"}));
+    assert_eq!(
+        resp.json(),
+        serde_json::json!({"error":"unsupported_grant_type"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,15 +154,19 @@ async fn token_endpoint_accepts_http_basic_client_authentication() {
     use base64::Engine as _;
     let google = FakeGoogle::start().await;
     google.add_refresh_token(ALICE_REFRESH, ALICE);
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
     let mut c = TestClient::connect(google.addr).await;
     let body = format!(
         "grant_type=refresh_token&refresh_token={}",
         support::http::form_encode(ALICE_REFRESH)
     );
     let resp = c
-        .http_post_form("/token", &body, &[("Authorization", &format!("Basic {basic}"))])
+        .http_post_form(
+            "/token",
+            &body,
+            &[("Authorization", &format!("Basic {basic}"))],
+        )
         .await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
 }
@@ -195,11 +204,17 @@ async fn token_endpoint_delay_makes_concurrent_requests_overlap() {
     google.add_refresh_token(ALICE_REFRESH, ALICE);
     google.set_delay(Duration::from_millis(300));
     let start = std::time::Instant::now();
-    let (a, b) = tokio::join!(refresh(&google, ALICE_REFRESH), refresh(&google, ALICE_REFRESH));
+    let (a, b) = tokio::join!(
+        refresh(&google, ALICE_REFRESH),
+        refresh(&google, ALICE_REFRESH)
+    );
     assert_eq!((a.status, b.status), (200, 200));
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(300), "{took:?}");
-    assert!(took < Duration::from_millis(550), "requests did not overlap: {took:?}");
+    assert!(
+        took < Duration::from_millis(550),
+        "requests did not overlap: {took:?}"
+    );
     assert_eq!(google.token_requests(), 2);
 }
 
@@ -260,7 +275,10 @@ async fn authorization_code_flow_with_pkce_issues_a_working_refresh_token() {
     let json = resp.json();
     let rt = json["refresh_token"].as_str().unwrap();
     assert!(google.check_access_token(json["access_token"].as_str().unwrap(), ALICE));
-    assert_eq!(google.issued_refresh_tokens(), vec![(ALICE.to_string(), rt.to_string())]);
+    assert_eq!(
+        google.issued_refresh_tokens(),
+        vec![(ALICE.to_string(), rt.to_string())]
+    );
     // The code is single-use.
     assert_eq!(c.http_post_form("/token", &body, &[]).await.status, 400);
     // The refresh token works.
@@ -306,8 +324,11 @@ async fn imap_implicit_tls_capability_then_xoauth2_with_initial_response_succeed
     assert!(lines[1].starts_with("a1 OK Thats all she wrote! "));
 
     let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
-    c.send_line(&format!("a2 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &token)))
-        .await;
+    c.send_line(&format!(
+        "a2 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &token)
+    ))
+    .await;
     let lines = c.read_imap_lines("a2").await;
     assert_eq!(lines, vec![
         "* CAPABILITY IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 UIDPLUS COMPRESS=DEFLATE ENABLE MOVE CONDSTORE ESEARCH UTF8=ACCEPT LIST-EXTENDED LIST-STATUS LITERAL- SPECIAL-USE APPENDLIMIT=35651584".to_string(),
@@ -331,8 +352,11 @@ async fn imap_bad_token_gets_challenge_and_empty_line_gets_authenticationfailed(
     let mut c = imap_connect_tls(&w).await;
     let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
     w.google.invalidate_access_tokens();
-    c.send_line(&format!("a1 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &token)))
-        .await;
+    c.send_line(&format!(
+        "a1 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &token)
+    ))
+    .await;
     assert_eq!(c.read_line().await, format!("+ {XOAUTH2_ERROR_CHALLENGE}"));
     c.send_line("").await;
     assert_eq!(
@@ -340,16 +364,24 @@ async fn imap_bad_token_gets_challenge_and_empty_line_gets_authenticationfailed(
         "a1 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)"
     );
     // A token for another account is rejected too, and the connection stays usable.
-    let bob_token = w.google.mint_access_token("bob@gmail.com", Duration::from_secs(600));
-    c.send_line(&format!("a2 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &bob_token)))
-        .await;
+    let bob_token = w
+        .google
+        .mint_access_token("bob@gmail.com", Duration::from_secs(600));
+    c.send_line(&format!(
+        "a2 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &bob_token)
+    ))
+    .await;
     assert_eq!(c.read_line().await, format!("+ {XOAUTH2_ERROR_CHALLENGE}"));
     c.send_line("*").await;
     assert!(c.read_line().await.starts_with("a2 BAD "));
     // Retry with a good token on the same connection.
     let good = w.google.mint_access_token(ALICE, Duration::from_secs(600));
-    c.send_line(&format!("a3 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &good)))
-        .await;
+    c.send_line(&format!(
+        "a3 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &good)
+    ))
+    .await;
     let lines = c.read_imap_lines("a3").await;
     assert_eq!(lines[1], "a3 OK alice@gmail.com authenticated (Success)");
     assert_eq!(w.imap.failed_logins(), 2);
@@ -372,7 +404,10 @@ async fn imap_non_empty_answer_to_the_error_challenge_is_a_protocol_violation() 
     let v = w.imap.protocol_violations();
     assert_eq!(v.len(), 1, "{v:?}");
     assert!(v[0].contains("non-empty"), "{v:?}");
-    assert_eq!(w.imap.received_before_auth_result(), vec!["a2 SELECT INBOX"]);
+    assert_eq!(
+        w.imap.received_before_auth_result(),
+        vec!["a2 SELECT INBOX"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -389,7 +424,10 @@ async fn imap_two_step_authenticate_with_gmail_extra_untagged_line() {
     let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
     c.send_line(&xoauth2_response(ALICE, &token)).await;
     let lines = c.read_imap_lines("a1").await;
-    assert_eq!(lines.last().unwrap(), "a1 OK alice@gmail.com authenticated (Success)");
+    assert_eq!(
+        lines.last().unwrap(),
+        "a1 OK alice@gmail.com authenticated (Success)"
+    );
     assert_eq!(w.imap.successful_logins(), 1);
 }
 
@@ -415,8 +453,11 @@ async fn imap_starttls_mode_requires_tls_before_authenticate() {
     let lines = c.read_imap_lines("a1").await;
     assert_eq!(lines[0], "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED");
     let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
-    c.send_line(&format!("a2 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &token)))
-        .await;
+    c.send_line(&format!(
+        "a2 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &token)
+    ))
+    .await;
     assert!(c.read_line().await.starts_with("a2 NO "));
     assert_eq!(w.imap.protocol_violations().len(), 1);
 
@@ -426,8 +467,11 @@ async fn imap_starttls_mode_requires_tls_before_authenticate() {
     c.send_line("a4 CAPABILITY").await;
     let lines = c.read_imap_lines("a4").await;
     assert!(lines[0].contains("AUTH=XOAUTH2"), "{lines:?}");
-    c.send_line(&format!("a5 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &token)))
-        .await;
+    c.send_line(&format!(
+        "a5 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &token)
+    ))
+    .await;
     let lines = c.read_imap_lines("a5").await;
     assert_eq!(lines[1], "a5 OK alice@gmail.com authenticated (Success)");
     assert_eq!(w.imap.protocol_violations().len(), 1);
@@ -450,11 +494,15 @@ async fn imap_select_and_fetch_return_the_exact_message_bytes() {
     let w = imap_world(UpstreamTls::Implicit).await;
     w.imap.add_message(ALICE, MESSAGE);
     w.imap.add_message(ALICE, b"Subject: two\r\n\r\nsecond\r\n");
-    w.imap.add_message("bob@gmail.com", b"Subject: bob's\r\n\r\nnot alice's\r\n");
+    w.imap
+        .add_message("bob@gmail.com", b"Subject: bob's\r\n\r\nnot alice's\r\n");
     let mut c = imap_connect_tls(&w).await;
     let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
-    c.send_line(&format!("a1 AUTHENTICATE XOAUTH2 {}", xoauth2_response(ALICE, &token)))
-        .await;
+    c.send_line(&format!(
+        "a1 AUTHENTICATE XOAUTH2 {}",
+        xoauth2_response(ALICE, &token)
+    ))
+    .await;
     c.read_imap_lines("a1").await;
 
     c.send_line("a2 SELECT INBOX").await;
@@ -464,7 +512,10 @@ async fn imap_select_and_fetch_return_the_exact_message_bytes() {
     assert!(lines.iter().any(|l| l.starts_with("* OK [UIDVALIDITY 1]")));
     assert!(lines.iter().any(|l| l.starts_with("* OK [UIDNEXT 3]")));
     assert!(lines.iter().any(|l| l.starts_with("* FLAGS (")));
-    assert_eq!(lines.last().unwrap(), "a2 OK [READ-WRITE] INBOX selected. (Success)");
+    assert_eq!(
+        lines.last().unwrap(),
+        "a2 OK [READ-WRITE] INBOX selected. (Success)"
+    );
 
     c.send_line("a3 FETCH 1 BODY.PEEK[]").await;
     let (tagged, raw) = c.read_imap_tagged("a3").await;
@@ -488,17 +539,28 @@ async fn imap_select_and_fetch_return_the_exact_message_bytes() {
     c.send_line("a5 FETCH 2,1 (UID RFC822)").await;
     let (_, raw) = c.read_imap_tagged("a5").await;
     let text = String::from_utf8_lossy(&raw);
-    assert!(text.starts_with(&format!("* 1 FETCH (UID 1 RFC822 {{{}}}\r\n", MESSAGE.len())));
-    assert!(text.contains("* 2 FETCH (UID 2 RFC822 {24}\r\nSubject: two\r\n\r\nsecond\r\n FLAGS (\\Seen))"));
+    assert!(text.starts_with(&format!(
+        "* 1 FETCH (UID 1 RFC822 {{{}}}\r\n",
+        MESSAGE.len()
+    )));
+    assert!(text.contains(
+        "* 2 FETCH (UID 2 RFC822 {24}\r\nSubject: two\r\n\r\nsecond\r\n FLAGS (\\Seen))"
+    ));
 
     c.send_line("a6 FETCH 3 BODY[]").await;
     assert!(c.read_line().await.starts_with("a6 BAD"));
     c.send_line("a7 EXAMINE INBOX").await;
     let lines = c.read_imap_lines("a7").await;
-    assert_eq!(lines.last().unwrap(), "a7 OK [READ-ONLY] INBOX selected. (Success)");
+    assert_eq!(
+        lines.last().unwrap(),
+        "a7 OK [READ-ONLY] INBOX selected. (Success)"
+    );
     c.send_line("a8 LIST \"\" *").await;
     let lines = c.read_imap_lines("a8").await;
-    assert_eq!(lines, vec!["* LIST (\\HasNoChildren) \"/\" \"INBOX\"", "a8 OK Success"]);
+    assert_eq!(
+        lines,
+        vec!["* LIST (\\HasNoChildren) \"/\" \"INBOX\"", "a8 OK Success"]
+    );
     c.send_line("a9 FROB").await;
     assert_eq!(c.read_line().await, "a9 BAD Unknown command");
     assert!(w.imap.protocol_violations().is_empty());
@@ -517,8 +579,14 @@ async fn imap_records_commands_pipelined_behind_authenticate() {
     .await;
     c.read_imap_lines("a1").await;
     let lines = c.read_imap_lines("a2").await;
-    assert_eq!(lines.last().unwrap(), "a2 OK [READ-WRITE] INBOX selected. (Success)");
-    assert_eq!(w.imap.received_before_auth_result(), vec!["a2 SELECT INBOX"]);
+    assert_eq!(
+        lines.last().unwrap(),
+        "a2 OK [READ-WRITE] INBOX selected. (Success)"
+    );
+    assert_eq!(
+        w.imap.received_before_auth_result(),
+        vec!["a2 SELECT INBOX"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -533,7 +601,8 @@ async fn imap_serves_many_concurrent_connections_and_stops_when_dropped() {
         tasks.push(tokio::spawn(async move {
             let mut c = TestClient::connect_tls(addr, cfg).await;
             c.read_line().await;
-            c.send_line(&format!("t{i} AUTHENTICATE XOAUTH2 {ir}")).await;
+            c.send_line(&format!("t{i} AUTHENTICATE XOAUTH2 {ir}"))
+                .await;
             c.read_imap_lines(&format!("t{i}")).await.pop().unwrap()
         }));
     }
@@ -564,7 +633,10 @@ async fn imap_survives_garbage_without_panicking() {
     assert!(c.read_line().await.starts_with("a2 BAD"));
     assert_eq!(c.read_line().await, format!("+ {XOAUTH2_ERROR_CHALLENGE}"));
     c.send_line("").await;
-    assert!(c.read_line().await.starts_with("a3 NO [AUTHENTICATIONFAILED]"));
+    assert!(c
+        .read_line()
+        .await
+        .starts_with("a3 NO [AUTHENTICATIONFAILED]"));
     c.send(vec![b'x'; 70 * 1024]).await;
     assert!(c.read_line().await.starts_with("* BAD"));
     c.expect_eof().await;

@@ -83,12 +83,15 @@ pub async fn token_request(
     token_url: &str,
     form: &[(&str, &str)],
 ) -> Result<Granted, GrantError> {
-    let response = http.post(token_url).form(form).send().await.map_err(|e| {
-        GrantError::Temporary {
-            detail: format!("token endpoint unreachable ({})", describe_reqwest(&e)),
-            retry_after: None,
-        }
-    })?;
+    let response =
+        http.post(token_url)
+            .form(form)
+            .send()
+            .await
+            .map_err(|e| GrantError::Temporary {
+                detail: format!("token endpoint unreachable ({})", describe_reqwest(&e)),
+                retry_after: None,
+            })?;
     let status = response.status();
     let retry_after = response
         .headers()
@@ -97,7 +100,10 @@ pub async fn token_request(
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|s| Duration::from_secs(s.min(3600)));
     let bytes = response.bytes().await.map_err(|e| GrantError::Temporary {
-        detail: format!("token endpoint connection failed ({})", describe_reqwest(&e)),
+        detail: format!(
+            "token endpoint connection failed ({})",
+            describe_reqwest(&e)
+        ),
         retry_after: None,
     })?;
     let body: Option<TokenBody> = serde_json::from_slice(&bytes).ok();
@@ -123,7 +129,9 @@ fn classify(
     };
     if status == 200 {
         let Some(access_token) = body.access_token.filter(|t| !t.is_empty()) else {
-            return Err(temporary("token endpoint answered without an access_token".into()));
+            return Err(temporary(
+                "token endpoint answered without an access_token".into(),
+            ));
         };
         let secs = match &body.expires_in {
             Some(serde_json::Value::Number(n)) => n.as_u64(),
@@ -201,8 +209,14 @@ mod tests {
             classify(400, None, body(r#"{"error":"invalid_grant","error_description":"Token has been expired or revoked."}"#)),
             Err(GrantError::Revoked(d)) if d.contains("Token has been expired or revoked.")
         ));
-        assert!(matches!(classify(401, None, body(r#"{"error":"invalid_client"}"#)), Err(GrantError::Client(_))));
-        assert!(matches!(classify(503, None, None), Err(GrantError::Temporary { .. })));
+        assert!(matches!(
+            classify(401, None, body(r#"{"error":"invalid_client"}"#)),
+            Err(GrantError::Client(_))
+        ));
+        assert!(matches!(
+            classify(503, None, None),
+            Err(GrantError::Temporary { .. })
+        ));
         assert_eq!(
             classify(429, Some(Duration::from_secs(7)), None),
             Err(GrantError::Temporary {
@@ -210,7 +224,13 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7))
             })
         );
-        assert!(matches!(classify(200, None, None), Err(GrantError::Temporary { .. })));
-        assert!(matches!(classify(200, None, body("{}")), Err(GrantError::Temporary { .. })));
+        assert!(matches!(
+            classify(200, None, None),
+            Err(GrantError::Temporary { .. })
+        ));
+        assert!(matches!(
+            classify(200, None, body("{}")),
+            Err(GrantError::Temporary { .. })
+        ));
     }
 }

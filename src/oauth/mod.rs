@@ -59,8 +59,14 @@ impl std::fmt::Display for TokenError {
 #[derive(Debug)]
 enum Failure {
     /// Permanent for this refresh token: retried only once the store holds another one.
-    Permanent { error: TokenError, refresh_token: Option<Secret> },
-    Temporary { error: TokenError, until: Instant },
+    Permanent {
+        error: TokenError,
+        refresh_token: Option<Secret>,
+    },
+    Temporary {
+        error: TokenError,
+        until: Instant,
+    },
 }
 
 struct AccountTokens {
@@ -138,13 +144,13 @@ impl TokenManager {
         if let Some(t) = acct.fresh() {
             return Ok(t);
         }
-        let refresh_token = self
-            .accounts
-            .refresh_token(email)
-            .map_err(|e| TokenError::Temporary {
-                email: acct.email.clone(),
-                detail: format!("cannot read the secret store: {e}"),
-            })?;
+        let refresh_token =
+            self.accounts
+                .refresh_token(email)
+                .map_err(|e| TokenError::Temporary {
+                    email: acct.email.clone(),
+                    detail: format!("cannot read the secret store: {e}"),
+                })?;
         match &*gate {
             Some(Failure::Permanent {
                 error,

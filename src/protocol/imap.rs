@@ -122,7 +122,11 @@ impl ClientSession {
 
     /// The untagged greeting to send first.
     pub fn greeting(&self) -> Vec<u8> {
-        format!("* OK [CAPABILITY {}] {PROXY_NAME} ready\r\n", self.capabilities()).into_bytes()
+        format!(
+            "* OK [CAPABILITY {}] {PROXY_NAME} ready\r\n",
+            self.capabilities()
+        )
+        .into_bytes()
     }
 
     /// Bytes received from the client.
@@ -172,7 +176,8 @@ impl ClientSession {
     }
 
     fn close_with(&mut self, line: &str) {
-        self.out.push_back(Action::Send(format!("{line}\r\n").into_bytes()));
+        self.out
+            .push_back(Action::Send(format!("{line}\r\n").into_bytes()));
         self.out.push_back(Action::Close);
         self.state = State::Closed;
         self.buf.clear();
@@ -247,7 +252,9 @@ impl ClientSession {
                 match sasl_response(&line) {
                     SaslLine::Cancel => self.send(format!("{tag} BAD AUTHENTICATE cancelled\r\n")),
                     SaslLine::Data(Err(e)) => self.sasl_error(&tag, e),
-                    SaslLine::Data(Ok(pw)) if pw.is_empty() => self.sasl_error(&tag, SaslError::Empty),
+                    SaslLine::Data(Ok(pw)) if pw.is_empty() => {
+                        self.sasl_error(&tag, SaslError::Empty)
+                    }
                     SaslLine::Data(Ok(pw)) => self.login(
                         tag,
                         username,
@@ -311,7 +318,10 @@ impl ClientSession {
     fn execute(&mut self, raw: &[u8]) {
         let (tag, cmd) = match parse_command(raw) {
             Ok(parsed) => parsed,
-            Err(ParseError { tag: Some(tag), message }) => {
+            Err(ParseError {
+                tag: Some(tag),
+                message,
+            }) => {
                 return self.send(format!("{tag} BAD {message}\r\n"));
             }
             Err(ParseError { tag: None, message }) => {
@@ -463,7 +473,11 @@ fn literal_announcement(line: &[u8]) -> Option<(u64, bool)> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok().map(|n| (n, sync))
+    std::str::from_utf8(digits)
+        .ok()?
+        .parse()
+        .ok()
+        .map(|n| (n, sync))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -473,8 +487,14 @@ enum Command {
     Logout,
     Id,
     StartTls,
-    Login { username: Vec<u8>, password: Vec<u8> },
-    Authenticate { mechanism: String, initial: Option<Vec<u8>> },
+    Login {
+        username: Vec<u8>,
+        password: Vec<u8>,
+    },
+    Authenticate {
+        mechanism: String,
+        initial: Option<Vec<u8>>,
+    },
     Other(String),
 }
 
@@ -497,7 +517,10 @@ fn is_tag_char(b: u8) -> bool {
 }
 
 fn command_tag(raw: &[u8]) -> Option<&str> {
-    let end = raw.iter().position(|&b| !is_tag_char(b)).unwrap_or(raw.len());
+    let end = raw
+        .iter()
+        .position(|&b| !is_tag_char(b))
+        .unwrap_or(raw.len());
     if end == 0 {
         return None;
     }
@@ -580,7 +603,10 @@ fn is_b64_char(b: u8) -> bool {
 
 fn login_args(i: &[u8]) -> IResult<&[u8], Command> {
     map(
-        all_consuming(terminated((preceded(sp, astring), preceded(sp, astring)), crlf)),
+        all_consuming(terminated(
+            (preceded(sp, astring), preceded(sp, astring)),
+            crlf,
+        )),
         |(username, password)| Command::Login { username, password },
     )
     .parse(i)
@@ -609,8 +635,11 @@ fn no_args(i: &[u8]) -> IResult<&[u8], ()> {
 
 /// Parse one complete command (with its literals inline) into its tag and meaning.
 fn parse_command(raw: &[u8]) -> Result<(String, Command), ParseError> {
-    let head: IResult<&[u8], (&[u8], &[u8])> =
-        (terminated(take_while1(is_tag_char), sp), take_while1(is_atom_char)).parse(raw);
+    let head: IResult<&[u8], (&[u8], &[u8])> = (
+        terminated(take_while1(is_tag_char), sp),
+        take_while1(is_atom_char),
+    )
+        .parse(raw);
     let Ok((rest, (tag_bytes, name))) = head else {
         let tag = command_tag(raw)
             .filter(|t| raw.get(t.len()) == Some(&b' '))
@@ -743,11 +772,16 @@ impl UpstreamLogin {
 
     fn authenticate(&mut self) {
         let line = if self.sasl_ir {
-            format!("{} AUTHENTICATE XOAUTH2 {}\r\n", self.tag, self.xoauth2.expose())
+            format!(
+                "{} AUTHENTICATE XOAUTH2 {}\r\n",
+                self.tag,
+                self.xoauth2.expose()
+            )
         } else {
             format!("{} AUTHENTICATE XOAUTH2\r\n", self.tag)
         };
-        self.out.push_back(UpAction::Send(SensitiveBytes::new(line.into_bytes())));
+        self.out
+            .push_back(UpAction::Send(SensitiveBytes::new(line.into_bytes())));
         self.state = UpState::AuthReply {
             sent_ir: self.sasl_ir,
             token_sent: self.sasl_ir,
@@ -823,7 +857,8 @@ impl UpstreamLogin {
                         // Server-first prompt for the no-IR form: now send the token.
                         *token_sent = true;
                         let l = format!("{}\r\n", self.xoauth2.expose());
-                        self.out.push_back(UpAction::Send(SensitiveBytes::new(l.into_bytes())));
+                        self.out
+                            .push_back(UpAction::Send(SensitiveBytes::new(l.into_bytes())));
                     } else {
                         // XOAUTH2 error challenge: an empty response is mandatory, then the
                         // server sends the tagged failure.
@@ -887,14 +922,25 @@ fn bracket_capabilities(line: &[u8]) -> Option<Vec<String>> {
     let text = String::from_utf8_lossy(line);
     let start = text.find("[CAPABILITY ")? + "[CAPABILITY ".len();
     let end = text[start..].find(']')? + start;
-    Some(text[start..end].split_whitespace().map(str::to_string).collect())
+    Some(
+        text[start..end]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// A server line for a log or error message: printable ASCII only, bounded.
 pub(crate) fn printable(text: &[u8]) -> String {
     text.iter()
         .take(200)
-        .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '?' })
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 

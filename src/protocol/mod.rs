@@ -39,7 +39,10 @@ pub enum ClientAction {
     /// The client gave credentials: verify them and log in upstream, then call
     /// `login_rejected` or `into_pending_input`. Bytes fed meanwhile are held, not interpreted.
     /// `tag` is the IMAP command tag (empty for SMTP and POP3).
-    Login { tag: String, credentials: Credentials },
+    Login {
+        tag: String,
+        credentials: Credentials,
+    },
     /// Close the connection (after sending what was queued).
     Close,
 }
@@ -72,7 +75,6 @@ pub enum UpOutcome {
     /// The server misbehaved or hung up (greeting not OK, BYE, STARTTLS refused, garbage).
     Failed(String),
 }
-
 
 /// The upstream half of a protocol's authentication phase, driven by `proxy::upstream`.
 pub trait UpstreamMachine: Send {

@@ -54,7 +54,10 @@ pub fn decode_plain(message: &[u8]) -> Result<Credentials, SaslError> {
 
 /// Base64 of `user=EMAIL^Aauth=Bearer TOKEN^A^A` (Google's XOAUTH2 initial response).
 pub fn xoauth2(user: &str, token: &Secret) -> Secret {
-    let raw = zeroize::Zeroizing::new(format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose()));
+    let raw = zeroize::Zeroizing::new(format!(
+        "user={user}\x01auth=Bearer {}\x01\x01",
+        token.expose()
+    ));
     Secret::new(STANDARD.encode(raw.as_bytes()))
 }
 
@@ -130,7 +133,8 @@ mod tests {
 
     #[test]
     fn plain_decodes_with_and_without_authzid() {
-        let c = decode_plain(&decode_b64(b"AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=").unwrap()).unwrap();
+        let c = decode_plain(&decode_b64(b"AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=").unwrap())
+            .unwrap();
         assert_eq!(c.username, "alice@gmail.com");
         assert_eq!(c.password.expose(), "local-secret");
         let z = decode_plain(
@@ -158,9 +162,13 @@ mod tests {
         let gmail = ErrorChallenge::parse(b"eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==");
         assert_eq!(gmail.status.as_deref(), Some("400"));
         assert_eq!(gmail.scope.as_deref(), Some("https://mail.google.com/"));
-        assert_eq!(gmail.describe(), "status 400, required scope https://mail.google.com/");
-        let dovecot =
-            ErrorChallenge::parse(b"eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=");
+        assert_eq!(
+            gmail.describe(),
+            "status 400, required scope https://mail.google.com/"
+        );
+        let dovecot = ErrorChallenge::parse(
+            b"eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=",
+        );
         assert_eq!(dovecot.status.as_deref(), Some("401"));
         assert_eq!(ErrorChallenge::parse(b"!!"), ErrorChallenge::default());
     }

@@ -15,9 +15,9 @@ use crate::protocol::imap::{Action, ClientSession, Limits, SessionOptions, Upstr
 fn reply(tag: &str, failure: &Failure) -> Vec<u8> {
     let text = failure.describe();
     let line = match failure {
-        Failure::BadCredentials
-        | Failure::NotAuthorized { .. }
-        | Failure::TokenRejected { .. } => format!("{tag} NO [AUTHENTICATIONFAILED] {text}"),
+        Failure::BadCredentials | Failure::NotAuthorized { .. } | Failure::TokenRejected { .. } => {
+            format!("{tag} NO [AUTHENTICATIONFAILED] {text}")
+        }
         Failure::Misconfigured { .. } => format!("{tag} NO [CONTACTADMIN] {text}"),
         Failure::Temporary { .. } => format!("{tag} NO [UNAVAILABLE] {text}"),
         // The server's own words (NO [ALERT] ...), already a complete response after the tag.
@@ -35,7 +35,9 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
     let mut deadline = Instant::now() + limits.preauth_timeout;
     let local_tls = conn.ctx.config.local_tls;
     let mut client = if local_tls == LocalTls::Implicit {
-        let Some(tls) = conn.ctx.server_tls.clone() else { return };
+        let Some(tls) = conn.ctx.server_tls.clone() else {
+            return;
+        };
         match timeout_at(deadline, Stream::accept_tls(tcp, tls)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -60,7 +62,10 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
         while let Some(action) = session.next_action() {
             match action {
                 Action::Send(bytes) => {
-                    if timeout_at(deadline, client.write_all(&bytes)).await.map_or(true, |r| r.is_err()) {
+                    if timeout_at(deadline, client.write_all(&bytes))
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
                         return;
                     }
                 }
@@ -69,7 +74,9 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
                     return;
                 }
                 Action::StartTls => {
-                    let Some(tls) = conn.ctx.server_tls.clone() else { return };
+                    let Some(tls) = conn.ctx.server_tls.clone() else {
+                        return;
+                    };
                     client = match timeout_at(deadline, client.upgrade_server(tls)).await {
                         Ok(Ok(s)) => s,
                         _ => {
@@ -102,8 +109,12 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
                             }
                             drop(pending);
                             match splice(client, up.stream).await {
-                                Ok((to_up, to_client)) => tracing::debug!(account = %email, %peer, to_up, to_client, "session ended"),
-                                Err(e) => tracing::debug!(account = %email, %peer, error = %e, "session ended with an error"),
+                                Ok((to_up, to_client)) => {
+                                    tracing::debug!(account = %email, %peer, to_up, to_client, "session ended")
+                                }
+                                Err(e) => {
+                                    tracing::debug!(account = %email, %peer, error = %e, "session ended with an error")
+                                }
                             }
                             return;
                         }

@@ -74,7 +74,12 @@ impl BoundListener {
 /// Bind every configured listener, or fail with a one-line reason naming the listener.
 pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
     let server_tls = match &config.tls {
-        Some(t) if config.listeners.iter().any(|l| l.local_tls != LocalTls::None) => {
+        Some(t)
+            if config
+                .listeners
+                .iter()
+                .any(|l| l.local_tls != LocalTls::None) =>
+        {
             Some(crate::tls::server_config(&t.cert, &t.key)?)
         }
         _ => None,
@@ -84,7 +89,11 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
         let upstream_tls = crate::tls::client_config(l.upstream_ca.as_deref())
             .map_err(|e| format!("{} listener on {}: {e}", l.protocol.name(), l.bind))?;
         let tcp = TcpListener::bind(l.bind).await.map_err(|e| {
-            format!("{} listener: cannot bind {}: {e}", l.protocol.name(), l.bind)
+            format!(
+                "{} listener: cannot bind {}: {e}",
+                l.protocol.name(),
+                l.bind
+            )
         })?;
         out.push(BoundListener {
             ctx: Arc::new(ListenerCtx {
@@ -100,7 +109,11 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
 
 /// Run until `shutdown` resolves, then stop accepting, give open sessions the grace period,
 /// and return.
-pub async fn serve(app: Arc<App>, listeners: Vec<BoundListener>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    app: Arc<App>,
+    listeners: Vec<BoundListener>,
+    shutdown: impl Future<Output = ()>,
+) {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(app.config.limits.max_connections));
@@ -123,9 +136,15 @@ pub async fn serve(app: Arc<App>, listeners: Vec<BoundListener>, shutdown: impl 
     cancel.cancel();
     tracker.close();
     let grace = app.config.limits.shutdown_grace;
-    tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections"
+    );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::info!(open = tracker.len(), "grace period over; closing remaining sessions");
+        tracing::info!(
+            open = tracker.len(),
+            "grace period over; closing remaining sessions"
+        );
     }
 }
 
@@ -187,9 +206,13 @@ async fn handle(
 
 async fn refuse_busy(protocol: Protocol, mut tcp: TcpStream) {
     let line: &[u8] = match protocol {
-        Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections to xoauth2-proxy, try again later\r\n",
+        Protocol::Imap => {
+            b"* BYE [UNAVAILABLE] Too many connections to xoauth2-proxy, try again later\r\n"
+        }
         Protocol::Smtp => b"421 4.7.0 Too many connections to xoauth2-proxy, try again later\r\n",
-        Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections to xoauth2-proxy, try again later\r\n",
+        Protocol::Pop3 => {
+            b"-ERR [SYS/TEMP] Too many connections to xoauth2-proxy, try again later\r\n"
+        }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(line)).await;
 }
@@ -202,8 +225,12 @@ pub struct Conn {
 }
 
 /// After authentication: copy bytes both ways until both sides are done, nothing parsed.
-pub async fn splice(mut client: stream::Stream, mut upstream: stream::Stream) -> std::io::Result<(u64, u64)> {
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUF, SPLICE_BUF).await
+pub async fn splice(
+    mut client: stream::Stream,
+    mut upstream: stream::Stream,
+) -> std::io::Result<(u64, u64)> {
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUF, SPLICE_BUF)
+        .await
 }
 
 const SPLICE_BUF: usize = 16 * 1024;

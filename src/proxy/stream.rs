@@ -17,7 +17,10 @@ pub enum Stream {
 }
 
 impl Stream {
-    pub async fn accept_tls(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
+    pub async fn accept_tls(
+        tcp: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+    ) -> io::Result<Stream> {
         let tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
         Ok(Stream::ServerTls(Box::new(tls)))
     }
@@ -27,9 +30,15 @@ impl Stream {
         config: Arc<rustls::ClientConfig>,
         host: &str,
     ) -> io::Result<Stream> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid server name {host:?}")))?;
-        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid server name {host:?}"),
+            )
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
         Ok(Stream::ClientTls(Box::new(tls)))
     }
 
@@ -59,7 +68,11 @@ impl Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ServerTls(s) => Pin::new(s).poll_read(cx, buf),
@@ -69,7 +82,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ServerTls(s) => Pin::new(s).poll_write(cx, buf),

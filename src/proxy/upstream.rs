@@ -133,10 +133,17 @@ pub async fn login<M: UpstreamMachine>(
         }
         let n = timeout_at(deadline, stream.read(&mut buf))
             .await
-            .map_err(|_| temporary(format!("{target} did not answer within {}s", secs(app.config.limits.upstream_timeout))))?
+            .map_err(|_| {
+                temporary(format!(
+                    "{target} did not answer within {}s",
+                    secs(app.config.limits.upstream_timeout)
+                ))
+            })?
             .map_err(|e| temporary(format!("connection to {target} failed: {e}")))?;
         if n == 0 {
-            return Err(temporary(format!("{target} closed the connection during login")));
+            return Err(temporary(format!(
+                "{target} closed the connection during login"
+            )));
         }
         machine.feed(&buf[..n]);
     }

@@ -104,7 +104,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -195,7 +197,8 @@ impl Store {
     fn write(&self, data: &StoreData) -> Result<(), StoreError> {
         let path = self.store_path();
         let plain = Zeroizing::new(
-            serde_json::to_vec(data).map_err(|e| StoreError::Other(format!("encoding store: {e}")))?,
+            serde_json::to_vec(data)
+                .map_err(|e| StoreError::Other(format!("encoding store: {e}")))?,
         );
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
@@ -391,7 +394,12 @@ mod tests {
         let (data, stamp) = file_store(&dir).load().unwrap();
         assert!(stamp.is_some());
         assert_eq!(
-            data.account("alice@gmail.com").unwrap().refresh_token.as_ref().unwrap().expose(),
+            data.account("alice@gmail.com")
+                .unwrap()
+                .refresh_token
+                .as_ref()
+                .unwrap()
+                .expose(),
             "1//refresh-secret"
         );
         let raw = fs::read(dir.join(STORE_FILE)).unwrap();
@@ -424,11 +432,12 @@ mod tests {
     fn wrong_key_is_reported_not_treated_as_empty() {
         let tmp = tempfile::tempdir().unwrap();
         let store = file_store(tmp.path());
-        store.update(|d| {
-            d.account_mut("a@x.com");
-            Ok(())
-        })
-        .unwrap();
+        store
+            .update(|d| {
+                d.account_mut("a@x.com");
+                Ok(())
+            })
+            .unwrap();
         fs::remove_file(tmp.path().join(KEY_FILE)).unwrap();
         let err = file_store(tmp.path()).load().unwrap_err();
         assert!(matches!(err, StoreError::Decrypt { .. }), "{err}");

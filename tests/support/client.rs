@@ -57,10 +57,13 @@ async fn tls_connect(
     server_name: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let name = ServerName::try_from(server_name.to_string()).expect("server name");
-    tokio::time::timeout(CLIENT_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
-        .await
-        .expect("TLS handshake timed out")
-        .expect("TLS handshake failed")
+    tokio::time::timeout(
+        CLIENT_TIMEOUT,
+        TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake timed out")
+    .expect("TLS handshake failed")
 }
 
 impl TestClient {

@@ -248,10 +248,25 @@ impl Conn {
         self.stream.flush().await
     }
 
-    /// Best-effort orderly close (TLS close_notify, then FIN).
+    /// Best-effort orderly close (TLS close_notify, then FIN), then a short lingering drain
+    /// of whatever the peer still sends, so that unread input does not turn the close into
+    /// a reset that could destroy our last reply before the peer reads it.
     pub async fn shutdown(&mut self) {
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+        self.buf.clear();
+        self.pos = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        let mut drained = 0usize;
+        while drained < 4 * 1024 * 1024 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.fill()).await {
+                Ok(Ok(n)) if n > 0 => {
+                    drained += n;
+                    self.buf.clear();
+                }
+                _ => break,
+            }
+        }
     }
 }
 

@@ -409,7 +409,10 @@ fn code_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Respons
     let Some(pending) = inner.codes.remove(code) else {
         return oauth_error(400, "invalid_grant", Some("Malformed auth code."));
     };
-    if params.get("client_id").is_some_and(|c| *c != pending.client_id) {
+    if params
+        .get("client_id")
+        .is_some_and(|c| *c != pending.client_id)
+    {
         return oauth_error(400, "invalid_grant", Some("Bad Request"));
     }
     if params.get("redirect_uri") != Some(&pending.redirect_uri) {
@@ -474,7 +477,9 @@ fn authorize(state: &GoogleHandle, req: &Request) -> Response {
             "<html><body>Error 401: invalid_client. The OAuth client was not found.</body></html>",
         );
     }
-    let Some(redirect_uri) = params.get("redirect_uri").filter(|r| is_loopback_redirect(r))
+    let Some(redirect_uri) = params
+        .get("redirect_uri")
+        .filter(|r| is_loopback_redirect(r))
     else {
         return Response::html(
             400,
@@ -535,10 +540,15 @@ fn authorize(state: &GoogleHandle, req: &Request) -> Response {
 }
 
 fn revoke(state: &GoogleHandle, req: &Request) -> Response {
-    let mut params: HashMap<String, String> = parse_form(req.query.as_bytes()).into_iter().collect();
+    let mut params: HashMap<String, String> =
+        parse_form(req.query.as_bytes()).into_iter().collect();
     params.extend(parse_form(&req.body));
     let Some(token) = params.get("token") else {
-        return oauth_error(400, "invalid_request", Some("Missing required parameter: token"));
+        return oauth_error(
+            400,
+            "invalid_request",
+            Some("Missing required parameter: token"),
+        );
     };
     let mut inner = lock(&state.0.inner);
     if let Some(e) = inner.refresh.get_mut(token) {

@@ -146,8 +146,7 @@ fn parse_head(raw: &[u8]) -> Result<Head, u16> {
     let mut lines = text.split("\r\n");
     let request_line = lines.next().ok_or(400u16)?;
     let mut parts = request_line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next())
-    {
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(m), Some(t), Some(v), None) if !m.is_empty() && !t.is_empty() => (m, t, v),
         _ => return Err(400),
     };

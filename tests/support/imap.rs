@@ -23,7 +23,8 @@ pub const PRE_AUTH_CAPABILITY: &str = "IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA I
 pub const PRE_TLS_CAPABILITY: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
 pub const POST_AUTH_CAPABILITY: &str = "IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 UIDPLUS COMPRESS=DEFLATE ENABLE MOVE CONDSTORE ESEARCH UTF8=ACCEPT LIST-EXTENDED LIST-STATUS LITERAL- SPECIAL-USE APPENDLIMIT=35651584";
 pub const APP_PASSWORD_ALERT: &str = "NO [ALERT] Application-specific password required: https://support.google.com/accounts/answer/185833 (Failure)";
-const FLAGS_LINE: &str = "* FLAGS (\\Answered \\Flagged \\Draft \\Deleted \\Seen $NotPhishing $Phishing)";
+const FLAGS_LINE: &str =
+    "* FLAGS (\\Answered \\Flagged \\Draft \\Deleted \\Seen $NotPhishing $Phishing)";
 
 /// How the fake expects TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,11 +259,7 @@ impl Session {
                     if sync {
                         self.send("+ go ahead\r\n").await?;
                     }
-                    let bytes = self
-                        .conn()?
-                        .read_exact_bytes(n)
-                        .await
-                        .ok_or_else(closed)?;
+                    let bytes = self.conn()?.read_exact_bytes(n).await.ok_or_else(closed)?;
                     logical.push(b'"');
                     for b in bytes {
                         if b == b'"' || b == b'\\' {
@@ -379,7 +376,8 @@ impl Session {
                         ))
                         .await?;
                     } else {
-                        self.send(&format!("{tag} {APP_PASSWORD_ALERT}\r\n")).await?;
+                        self.send(&format!("{tag} {APP_PASSWORD_ALERT}\r\n"))
+                            .await?;
                     }
                     Ok(Flow::Continue)
                 }
@@ -435,7 +433,8 @@ impl Session {
     async fn authenticate(&mut self, tag: &str, args: &str) -> Io<Flow> {
         let parts: Vec<&str> = args.split(' ').filter(|s| !s.is_empty()).collect();
         let Some(mechanism) = parts.first() else {
-            self.send(&format!("{tag} BAD Missing mechanism\r\n")).await?;
+            self.send(&format!("{tag} BAD Missing mechanism\r\n"))
+                .await?;
             return Ok(Flow::Continue);
         };
         if parts.len() > 2 {
@@ -503,7 +502,8 @@ impl Session {
             return Ok(Flow::Continue);
         }
         // Gmail's error path: a challenge the client must answer with an empty line.
-        self.send(&format!("+ {XOAUTH2_ERROR_CHALLENGE}\r\n")).await?;
+        self.send(&format!("+ {XOAUTH2_ERROR_CHALLENGE}\r\n"))
+            .await?;
         let answer = match self.conn()?.read_line(MAX_LINE).await {
             Line::Line(l) => l,
             Line::Eof => return Ok(Flow::Close),
@@ -594,16 +594,16 @@ impl Session {
             }
             "STATUS" => {
                 let user = self.user.clone().unwrap_or_default().to_ascii_lowercase();
-                let n = lock(&self.shared.mailboxes)
-                    .get(&user)
-                    .map_or(0, Vec::len);
+                let n = lock(&self.shared.mailboxes).get(&user).map_or(0, Vec::len);
                 let parsed = parse_astrings(args.as_bytes()).unwrap_or_default();
                 let is_inbox = parsed
                     .first()
                     .is_some_and(|m| m.eq_ignore_ascii_case(b"INBOX"));
                 if !is_inbox {
-                    self.send(&format!("{tag} NO [NONEXISTENT] Unknown Mailbox (Failure)\r\n"))
-                        .await?;
+                    self.send(&format!(
+                        "{tag} NO [NONEXISTENT] Unknown Mailbox (Failure)\r\n"
+                    ))
+                    .await?;
                     return Ok(Flow::Continue);
                 }
                 let items = parsed
@@ -624,11 +624,8 @@ impl Session {
                     };
                     out.push(format!("{item} {value}"));
                 }
-                self.send(&format!(
-                    "* STATUS \"INBOX\" ({})\r\n{ok}",
-                    out.join(" ")
-                ))
-                .await?;
+                self.send(&format!("* STATUS \"INBOX\" ({})\r\n{ok}", out.join(" ")))
+                    .await?;
             }
             "NAMESPACE" => {
                 self.send(&format!("* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n{ok}"))
@@ -781,9 +778,8 @@ fn fetch_response(
                         }
                         None => (content, name.clone()),
                     };
-                    parts.extend_from_slice(
-                        format!("{label} {{{}}}\r\n", content.len()).as_bytes(),
-                    );
+                    parts
+                        .extend_from_slice(format!("{label} {{{}}}\r\n", content.len()).as_bytes());
                     parts.extend_from_slice(content);
                     if !peek && !selected.read_only && selected.seen.insert(index) {
                         newly_seen = true;
@@ -908,8 +904,7 @@ pub fn redact(line: &str) -> String {
                 .ok()
                 .map(|d| String::from_utf8_lossy(&d).into_owned())
                 .unwrap_or_default();
-            if word.contains("ya29.") || decoded.contains("auth=Bearer") || decoded.contains('\0')
-            {
+            if word.contains("ya29.") || decoded.contains("auth=Bearer") || decoded.contains('\0') {
                 "<redacted>"
             } else {
                 word

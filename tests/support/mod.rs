@@ -14,15 +14,15 @@ pub mod google;
 pub mod http;
 pub mod imap;
 pub mod pki;
-// pub mod pop3;
-// pub mod smtp;
+pub mod pop3;
+pub mod smtp;
 
+pub use client::TestClient;
 pub use google::{FakeGoogle, GoogleHandle, CLIENT_ID, CLIENT_SECRET};
 pub use imap::{FakeImap, UpstreamTls};
 pub use pki::TestPki;
-// pub use pop3::{FakePop3, PopTls};
-// pub use smtp::{FakeSmtp, ReceivedMessage, SmtpMode};
-pub use client::TestClient;
+pub use pop3::{FakePop3, PopTls};
+pub use smtp::{FakeSmtp, ReceivedMessage, SmtpMode};
 
 /// The Gmail XOAUTH2 error challenge (base64 of
 /// `{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}`).

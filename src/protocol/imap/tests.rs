@@ -71,9 +71,14 @@ fn starttls_is_advertised_only_when_offered_and_drops_plaintext_after_it() {
         login_allowed: true,
         limits: Limits::default(),
     });
-    assert!(String::from_utf8(s.greeting()).unwrap().contains(" STARTTLS]"));
+    assert!(String::from_utf8(s.greeting())
+        .unwrap()
+        .contains(" STARTTLS]"));
     // A command injected in the same packet as STARTTLS must not survive the upgrade.
-    let out = run(&mut s, b"t1 STARTTLS\r\nt2 LOGIN alice@gmail.com local-secret\r\n");
+    let out = run(
+        &mut s,
+        b"t1 STARTTLS\r\nt2 LOGIN alice@gmail.com local-secret\r\n",
+    );
     assert_eq!(
         out,
         vec![
@@ -86,7 +91,10 @@ fn starttls_is_advertised_only_when_offered_and_drops_plaintext_after_it() {
     let out = run(&mut s, b"t3 CAPABILITY\r\n");
     assert!(!sent(&out).contains("STARTTLS"));
     let out = run(&mut s, b"t4 STARTTLS\r\n");
-    assert_eq!(sent(&out), "t4 BAD STARTTLS is not available on this connection\r\n");
+    assert_eq!(
+        sent(&out),
+        "t4 BAD STARTTLS is not available on this connection\r\n"
+    );
 }
 
 #[test]
@@ -97,7 +105,11 @@ fn login_before_starttls_from_a_remote_peer_is_refused() {
         limits: Limits::default(),
     });
     let out = run(&mut s, b"a LOGIN alice@gmail.com local-secret\r\n");
-    assert!(sent(&out).starts_with("a NO [PRIVACYREQUIRED]"), "{}", sent(&out));
+    assert!(
+        sent(&out).starts_with("a NO [PRIVACYREQUIRED]"),
+        "{}",
+        sent(&out)
+    );
     assert_eq!(login_of(&out), None);
 }
 
@@ -140,7 +152,10 @@ fn literal_octets_may_contain_spaces_quotes_and_line_breaks() {
 #[test]
 fn i4_login_with_non_synchronising_literal_sends_no_continuation() {
     let mut s = session();
-    let out = run(&mut s, b"a5 LOGIN alice@gmail.com {12+}\r\nlocal-secret\r\n");
+    let out = run(
+        &mut s,
+        b"a5 LOGIN alice@gmail.com {12+}\r\nlocal-secret\r\n",
+    );
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(login_of(&out), alice("a5"));
 }
@@ -167,7 +182,10 @@ fn i5_authenticate_plain_with_initial_response() {
 #[test]
 fn authenticate_plain_with_matching_authzid_is_accepted() {
     let mut s = session();
-    let out = run(&mut s, format!("b9 authenticate plain {PLZ}\r\n").as_bytes());
+    let out = run(
+        &mut s,
+        format!("b9 authenticate plain {PLZ}\r\n").as_bytes(),
+    );
     assert_eq!(login_of(&out), alice("b9"));
 }
 
@@ -195,7 +213,10 @@ fn i7_authenticate_cancelled_with_star() {
 fn i8_authenticate_plain_with_empty_initial_response() {
     let mut s = session();
     let out = run(&mut s, b"b4 AUTHENTICATE PLAIN =\r\n");
-    assert_eq!(sent(&out), "b4 NO [AUTHENTICATIONFAILED] Empty credentials\r\n");
+    assert_eq!(
+        sent(&out),
+        "b4 NO [AUTHENTICATIONFAILED] Empty credentials\r\n"
+    );
 }
 
 #[test]
@@ -228,7 +249,10 @@ fn authenticate_login_prompts_for_username_then_password() {
 #[test]
 fn unsupported_mechanism_is_refused() {
     let mut s = session();
-    let out = run(&mut s, format!("e1 AUTHENTICATE XOAUTH2 {XO}\r\n").as_bytes());
+    let out = run(
+        &mut s,
+        format!("e1 AUTHENTICATE XOAUTH2 {XO}\r\n").as_bytes(),
+    );
     assert_eq!(
         sent(&out),
         "e1 NO Unsupported authentication mechanism XOAUTH2; use PLAIN or LOGIN\r\n"
@@ -336,7 +360,10 @@ fn up_sent(actions: &[UpAction]) -> String {
 #[test]
 fn i1_upstream_success_relays_untagged_capability_and_tagged_ok() {
     let mut u = UpstreamLogin::new("a2", Secret::new(XO), false);
-    let out = up_run(&mut u, b"* OK Gimap ready for requests from 203.0.113.7 x1mb2\r\n");
+    let out = up_run(
+        &mut u,
+        b"* OK Gimap ready for requests from 203.0.113.7 x1mb2\r\n",
+    );
     assert_eq!(up_sent(&out), format!("a2 AUTHENTICATE XOAUTH2 {XO}\r\n"));
     let reply = "* CAPABILITY IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 UIDPLUS COMPRESS=DEFLATE ENABLE MOVE CONDSTORE ESEARCH UTF8=ACCEPT LIST-EXTENDED LIST-STATUS LITERAL- SPECIAL-USE APPENDLIMIT=35651584\r\na2 OK alice@gmail.com authenticated (Success)\r\n";
     let out = up_run(&mut u, reply.as_bytes());
@@ -355,11 +382,22 @@ fn i9_upstream_error_challenge_is_answered_with_an_empty_line() {
     up_run(&mut u, b"* OK Gimap ready\r\n");
     let out = up_run(&mut u, format!("+ {ERR}\r\n").as_bytes());
     assert_eq!(up_sent(&out), "\r\n");
-    let out = up_run(&mut u, b"a6 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n");
-    let [UpAction::Done(UpOutcome::Rejected { challenge, line, token_rejected: true })] = &out[..] else {
+    let out = up_run(
+        &mut u,
+        b"a6 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n",
+    );
+    let [UpAction::Done(UpOutcome::Rejected {
+        challenge,
+        line,
+        token_rejected: true,
+    })] = &out[..]
+    else {
         panic!("{out:?}")
     };
-    assert_eq!(line, "NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)");
+    assert_eq!(
+        line,
+        "NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)"
+    );
     assert_eq!(challenge.as_ref().unwrap().status.as_deref(), Some("400"));
     assert_eq!(response_code(line), Some("AUTHENTICATIONFAILED"));
     // Retry on the same connection with a fresh token.
@@ -371,22 +409,34 @@ fn i9_upstream_error_challenge_is_answered_with_an_empty_line() {
 #[test]
 fn upstream_without_sasl_ir_gets_the_two_step_form_and_untagged_noise_is_tolerated() {
     let mut u = UpstreamLogin::new("a1", Secret::new(XO), false);
-    let out = up_run(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready\r\n");
+    let out = up_run(
+        &mut u,
+        b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready\r\n",
+    );
     assert_eq!(up_sent(&out), "a1 AUTHENTICATE XOAUTH2\r\n");
-    let out = up_run(&mut u, b"* OK Gimap ready for requests from 127.0.0.1 x\r\n+ \r\n");
+    let out = up_run(
+        &mut u,
+        b"* OK Gimap ready for requests from 127.0.0.1 x\r\n+ \r\n",
+    );
     assert_eq!(up_sent(&out), format!("{XO}\r\n"));
     let out = up_run(&mut u, b"a1 OK done\r\n* 1 EXISTS\r\n");
     let [UpAction::Done(UpOutcome::Success { relay, leftover })] = &out[..] else {
         panic!("{out:?}")
     };
-    assert_eq!(relay, b"* OK Gimap ready for requests from 127.0.0.1 x\r\na1 OK done\r\n");
+    assert_eq!(
+        relay,
+        b"* OK Gimap ready for requests from 127.0.0.1 x\r\na1 OK done\r\n"
+    );
     assert_eq!(leftover, b"* 1 EXISTS\r\n");
 }
 
 #[test]
 fn upstream_starttls_comes_before_authenticate() {
     let mut u = UpstreamLogin::new("a1", Secret::new(XO), true);
-    let out = up_run(&mut u, b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n");
+    let out = up_run(
+        &mut u,
+        b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n",
+    );
     assert_eq!(up_sent(&out), "P0 STARTTLS\r\n");
     let out = up_run(&mut u, b"P0 OK Begin TLS negotiation now\r\n");
     assert_eq!(out, vec![UpAction::StartTls]);
@@ -411,8 +461,16 @@ fn upstream_bye_and_bad_greeting_are_failures() {
 fn upstream_alert_is_reported_as_rejection_with_its_code() {
     let mut u = UpstreamLogin::new("a1", Secret::new(XO), false);
     up_run(&mut u, b"* OK hi\r\n");
-    let out = up_run(&mut u, b"a1 NO [ALERT] Too many simultaneous connections. (Failure)\r\n");
-    let [UpAction::Done(UpOutcome::Rejected { challenge: None, line, token_rejected: false })] = &out[..] else {
+    let out = up_run(
+        &mut u,
+        b"a1 NO [ALERT] Too many simultaneous connections. (Failure)\r\n",
+    );
+    let [UpAction::Done(UpOutcome::Rejected {
+        challenge: None,
+        line,
+        token_rejected: false,
+    })] = &out[..]
+    else {
         panic!("{out:?}")
     };
     assert_eq!(response_code(line), Some("ALERT"));
