@@ -6,8 +6,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    xoauth2_response, FakeGoogle, FakeImap, TestClient, TestPki, UpstreamTls, CLIENT_ID,
-    CLIENT_SECRET, XOAUTH2_ERROR_CHALLENGE,
+    xoauth2_response, FakeGoogle, FakeImap, FakePop3, FakeSmtp, PopTls, SmtpMode, TestClient,
+    TestPki, UpstreamTls, CLIENT_ID, CLIENT_SECRET, XOAUTH2_ERROR_CHALLENGE,
 };
 
 const ALICE: &str = "alice@gmail.com";
@@ -202,7 +202,7 @@ async fn token_endpoint_keeps_the_connection_alive_between_requests() {
 async fn token_endpoint_delay_makes_concurrent_requests_overlap() {
     let google = FakeGoogle::start().await;
     google.add_refresh_token(ALICE_REFRESH, ALICE);
-    google.set_delay(Duration::from_millis(300));
+    google.set_delay(Duration::from_millis(400));
     let start = std::time::Instant::now();
     let (a, b) = tokio::join!(
         refresh(&google, ALICE_REFRESH),
@@ -210,9 +210,10 @@ async fn token_endpoint_delay_makes_concurrent_requests_overlap() {
     );
     assert_eq!((a.status, b.status), (200, 200));
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    // Served one after the other they would take at least 800 ms.
     assert!(
-        took < Duration::from_millis(550),
+        took < Duration::from_millis(800),
         "requests did not overlap: {took:?}"
     );
     assert_eq!(google.token_requests(), 2);
@@ -643,4 +644,521 @@ async fn imap_survives_garbage_without_panicking() {
     let v = w.imap.protocol_violations();
     assert!(v.iter().any(|s| s.contains("malformed XOAUTH2")), "{v:?}");
     assert!(v.iter().any(|s| s.contains("empty line")), "{v:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// SMTP
+// ---------------------------------------------------------------------------------------
+
+struct SmtpWorld {
+    pki: TestPki,
+    google: FakeGoogle,
+    smtp: FakeSmtp,
+}
+
+async fn smtp_world(mode: SmtpMode) -> SmtpWorld {
+    let pki = TestPki::new();
+    let google = FakeGoogle::start().await;
+    let smtp = FakeSmtp::start(&google, &pki, mode).await;
+    SmtpWorld { pki, google, smtp }
+}
+
+const EHLO_AFTER_TLS: [&str; 8] = [
+    "250-smtp.gmail.com at your service, [127.0.0.1]",
+    "250-SIZE 35882577",
+    "250-8BITMIME",
+    "250-AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
+    "250-ENHANCEDSTATUSCODES",
+    "250-PIPELINING",
+    "250-CHUNKING",
+    "250 SMTPUTF8",
+];
+
+/// Implicit-TLS connection, EHLO'd and authenticated (two-step XOAUTH2) as alice.
+async fn smtp_logged_in(w: &SmtpWorld) -> TestClient {
+    let mut c = TestClient::connect_tls(w.smtp.addr, w.pki.client_config()).await;
+    let (code, banner) = c.read_smtp_reply().await;
+    assert_eq!(code, 220);
+    assert!(banner[0].starts_with("220 smtp.gmail.com ESMTP ") && banner[0].ends_with(" - gsmtp"));
+    c.send_line("EHLO client.example").await;
+    assert_eq!(c.read_smtp_reply().await.1, EHLO_AFTER_TLS);
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_line().await, "334 ");
+    c.send_line(&xoauth2_response(ALICE, &token)).await;
+    assert_eq!(c.read_line().await, "235 2.7.0 Accepted");
+    c
+}
+
+/// Dot-stuffs a message that ends with CRLF and appends the terminator.
+fn dot_stuff(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 1024);
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+const DOTTY: &[u8] = b"From: alice@gmail.com\r\nTo: bob@example.org\r\nSubject: dots\r\n\r\n.\r\n..\r\n.leading\r\nmiddle . dot\r\n\r\n.\r\nlast line\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_starttls_mode_needs_starttls_and_a_fresh_ehlo_before_two_step_xoauth2() {
+    let w = smtp_world(SmtpMode::StartTls).await;
+    let mut c = TestClient::connect(w.smtp.addr).await;
+    assert_eq!(c.read_smtp_reply().await.0, 220);
+    c.send_line("EHLO client.example").await;
+    let (code, lines) = c.read_smtp_reply().await;
+    assert_eq!(code, 250);
+    assert_eq!(
+        lines,
+        vec![
+            "250-smtp.gmail.com at your service, [127.0.0.1]",
+            "250-SIZE 35882577",
+            "250-8BITMIME",
+            "250-STARTTLS",
+            "250-ENHANCEDSTATUSCODES",
+            "250-PIPELINING",
+            "250-CHUNKING",
+            "250 SMTPUTF8",
+        ]
+    );
+    c.send_line("STARTTLS").await;
+    assert_eq!(c.read_line().await, "220 2.0.0 Ready to start TLS");
+    c.start_tls(w.pki.client_config()).await;
+    c.send_line("EHLO client.example").await;
+    assert_eq!(c.read_smtp_reply().await.1, EHLO_AFTER_TLS);
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_line().await, "334 ");
+    c.send_line(&xoauth2_response(ALICE, &token)).await;
+    assert_eq!(c.read_line().await, "235 2.7.0 Accepted");
+    c.send_line("QUIT").await;
+    assert!(c
+        .read_line()
+        .await
+        .starts_with("221 2.0.0 closing connection "));
+    c.expect_eof().await;
+    assert_eq!(w.smtp.successful_logins(), 1);
+    assert!(w.smtp.protocol_violations().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_auth_or_mail_before_starttls_and_auth_without_re_ehlo_are_violations() {
+    let w = smtp_world(SmtpMode::StartTls).await;
+    let mut c = TestClient::connect(w.smtp.addr).await;
+    c.read_smtp_reply().await;
+    c.send_line("EHLO client.example").await;
+    c.read_smtp_reply().await;
+    c.send_line("AUTH XOAUTH2").await;
+    let (code, lines) = c.read_smtp_reply().await;
+    assert_eq!(code, 530);
+    assert!(lines[0].starts_with("530 5.7.0 Must issue a STARTTLS command first. "));
+    c.send_line("MAIL FROM:<alice@gmail.com>").await;
+    assert_eq!(c.read_smtp_reply().await.0, 530);
+    c.send_line("STARTTLS").await;
+    c.read_line().await;
+    c.start_tls(w.pki.client_config()).await;
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_smtp_reply().await.0, 503);
+    let v = w.smtp.protocol_violations();
+    assert_eq!(v.len(), 3, "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_data_with_dot_stuffed_lines_round_trips_byte_exact() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    let mut c = smtp_logged_in(&w).await;
+    c.send_line("MAIL FROM:<alice@gmail.com> SIZE=1000 BODY=8BITMIME SMTPUTF8")
+        .await;
+    assert!(c.read_line().await.starts_with("250 2.1.0 OK "));
+    c.send_line("RCPT TO:<bob@example.org>").await;
+    assert!(c.read_line().await.starts_with("250 2.1.5 OK "));
+    c.send_line("RCPT TO:<carol@example.org>").await;
+    assert!(c.read_line().await.starts_with("250 2.1.5 OK "));
+    c.send_line("DATA").await;
+    let go = c.read_line().await;
+    assert!(
+        go.starts_with("354  Go ahead ") && go.ends_with(" - gsmtp"),
+        "{go}"
+    );
+    c.send(dot_stuff(DOTTY)).await;
+    let ok = c.read_line().await;
+    assert!(
+        ok.starts_with("250 2.0.0 OK  ") && ok.ends_with(" - gsmtp"),
+        "{ok}"
+    );
+    let msgs = w.smtp.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].auth_user, ALICE);
+    assert_eq!(msgs[0].mail_from, "alice@gmail.com");
+    assert_eq!(
+        msgs[0].rcpt_to,
+        vec!["bob@example.org", "carol@example.org"]
+    );
+    assert_eq!(msgs[0].data, DOTTY);
+    assert!(w.smtp.protocol_violations().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_bdat_chunks_are_concatenated() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    let mut c = smtp_logged_in(&w).await;
+    c.send_line("MAIL FROM:<alice@gmail.com>").await;
+    c.read_line().await;
+    c.send_line("RCPT TO:<bob@example.org>").await;
+    c.read_line().await;
+    let (a, b) = DOTTY.split_at(30);
+    c.send(format!("BDAT {}\r\n", a.len())).await;
+    c.send(a).await;
+    assert!(c.read_line().await.starts_with("250 "));
+    let mut last = format!("BDAT {} LAST\r\n", b.len()).into_bytes();
+    last.extend_from_slice(b);
+    c.send(last).await;
+    assert!(c.read_line().await.starts_with("250 2.0.0 OK"));
+    let msgs = w.smtp.messages();
+    assert_eq!(msgs[0].data, DOTTY);
+    assert_eq!(msgs[0].rcpt_to, vec!["bob@example.org"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_pipelined_envelope_is_answered_in_order() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    let mut c = smtp_logged_in(&w).await;
+    c.send("MAIL FROM:<alice@gmail.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        .await;
+    assert!(c.read_line().await.starts_with("250 2.1.0"));
+    assert!(c.read_line().await.starts_with("250 2.1.5"));
+    assert!(c.read_line().await.starts_with("354"));
+    c.send("Subject: x\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\n")
+        .await;
+    assert!(c.read_line().await.starts_with("250 2.0.0 OK"));
+    assert!(c.read_line().await.starts_with("250 2.1.5 Flushed"));
+    assert!(c.read_line().await.starts_with("250 2.0.0 OK"));
+    assert_eq!(w.smtp.messages()[0].data, b"Subject: x\r\n\r\nbody\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_bad_token_gets_334_challenge_and_empty_line_gets_535() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    let mut c = TestClient::connect_tls(w.smtp.addr, w.pki.client_config()).await;
+    c.read_smtp_reply().await;
+    c.send_line("EHLO x").await;
+    c.read_smtp_reply().await;
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_line().await, "334 ");
+    c.send_line(&xoauth2_response(ALICE, "ya29.expired")).await;
+    assert_eq!(
+        c.read_line().await,
+        format!("334 {XOAUTH2_ERROR_CHALLENGE}")
+    );
+    c.send_line("").await;
+    let (code, lines) = c.read_smtp_reply().await;
+    assert_eq!(code, 535);
+    assert_eq!(
+        lines[0],
+        "535-5.7.8 Username and Password not accepted. For more information, go to"
+    );
+    assert!(lines[1].starts_with("535 5.7.8  https://support.google.com/mail/?p=BadCredentials "));
+    // A non-empty answer to the challenge is a violation and gets 501.
+    c.send_line("AUTH XOAUTH2").await;
+    c.read_line().await;
+    c.send_line(&xoauth2_response(ALICE, "ya29.expired")).await;
+    c.read_line().await;
+    c.send_line("MAIL FROM:<alice@gmail.com>").await;
+    assert_eq!(c.read_smtp_reply().await.0, 501);
+    // MAIL before AUTH.
+    c.send_line("MAIL FROM:<alice@gmail.com>").await;
+    let (code, lines) = c.read_smtp_reply().await;
+    assert_eq!(code, 530);
+    assert_eq!(
+        lines[0],
+        "530-5.7.0 Authentication Required. For more information, go to"
+    );
+    assert_eq!(w.smtp.failed_logins(), 2);
+    let v = w.smtp.protocol_violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_long_inline_initial_response_is_refused_with_555() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    let mut c = TestClient::connect_tls(w.smtp.addr, w.pki.client_config()).await;
+    c.read_smtp_reply().await;
+    c.send_line("EHLO x").await;
+    c.read_smtp_reply().await;
+    let long_token = format!("ya29.{}", "a".repeat(600));
+    c.send_line(&format!(
+        "AUTH XOAUTH2 {}",
+        xoauth2_response(ALICE, &long_token)
+    ))
+    .await;
+    let (code, lines) = c.read_smtp_reply().await;
+    assert_eq!(code, 555);
+    assert!(lines[0].starts_with("555-5.5.2 Syntax error, command line too long"));
+    // A short inline IR with a valid token is accepted.
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(60));
+    c.send_line(&format!("AUTH XOAUTH2 {}", xoauth2_response(ALICE, &token)))
+        .await;
+    assert_eq!(c.read_line().await, "235 2.7.0 Accepted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_close_mid_data_drops_the_connection_without_a_reply() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    w.smtp.set_close_mid_data(Some(10));
+    let mut c = smtp_logged_in(&w).await;
+    c.send("MAIL FROM:<alice@gmail.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        c.read_line().await;
+    }
+    c.send(dot_stuff(DOTTY)).await;
+    assert_eq!(c.try_read_line().await, None);
+    assert!(w.smtp.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_accepts_a_25_mb_message_quickly() {
+    let w = smtp_world(SmtpMode::Implicit).await;
+    let mut message = b"Subject: big\r\n\r\n".to_vec();
+    let line = b".0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    while message.len() < 25 * 1024 * 1024 {
+        message.extend_from_slice(line);
+    }
+    let wire = dot_stuff(&message);
+    let mut c = smtp_logged_in(&w).await;
+    c.send("MAIL FROM:<alice@gmail.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        c.read_line().await;
+    }
+    let start = std::time::Instant::now();
+    c.send(&wire).await;
+    assert!(c.read_line().await.starts_with("250 2.0.0 OK"));
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "25 MB DATA took {took:?}");
+    let msgs = w.smtp.messages();
+    assert!(msgs[0].data == message, "25 MB message differs");
+}
+
+// ---------------------------------------------------------------------------------------
+// POP3
+// ---------------------------------------------------------------------------------------
+
+struct PopWorld {
+    pki: TestPki,
+    google: FakeGoogle,
+    pop: FakePop3,
+}
+
+async fn pop_world(tls: PopTls) -> PopWorld {
+    let pki = TestPki::new();
+    let google = FakeGoogle::start().await;
+    let pop = FakePop3::start(&google, &pki, tls).await;
+    PopWorld { pki, google, pop }
+}
+
+const CAPA_LINES: &str = "USER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\nTOP\r\nUIDL\r\nX-GOOGLE-RICO\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n";
+
+async fn pop_logged_in(w: &PopWorld) -> TestClient {
+    let mut c = TestClient::connect_tls(w.pop.addr, w.pki.client_config()).await;
+    assert!(c
+        .read_line()
+        .await
+        .starts_with("+OK Gpop ready for requests from 127.0.0.1 "));
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_line().await, "+ ");
+    c.send_line(&xoauth2_response(ALICE, &token)).await;
+    assert_eq!(c.read_line().await, "+OK Welcome.");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pop3_implicit_capa_two_step_xoauth2_and_retr_is_byte_exact_with_dot_lines() {
+    let w = pop_world(PopTls::Implicit).await;
+    w.pop.add_message(ALICE, DOTTY);
+    w.pop
+        .add_message(ALICE, b"Subject: no final newline\r\n\r\n.x");
+    let mut c = TestClient::connect_tls(w.pop.addr, w.pki.client_config()).await;
+    c.read_line().await;
+    c.send_line("CAPA").await;
+    assert_eq!(c.read_line().await, "+OK Capability list follows");
+    assert_eq!(c.read_pop_multiline().await, CAPA_LINES.as_bytes());
+    drop(c);
+
+    let mut c = pop_logged_in(&w).await;
+    c.send_line("STAT").await;
+    assert_eq!(c.read_line().await, format!("+OK 2 {}", DOTTY.len() + 31));
+    c.send_line("RETR 1").await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    assert_eq!(c.read_pop_multiline().await, DOTTY);
+    c.send_line("RETR 2").await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    assert_eq!(
+        c.read_pop_multiline().await,
+        b"Subject: no final newline\r\n\r\n.x\r\n"
+    );
+    c.send_line("QUIT").await;
+    assert_eq!(c.read_line().await, "+OK Farewell.");
+    c.expect_eof().await;
+    assert_eq!(w.pop.successful_logins(), 1);
+    assert!(w.pop.protocol_violations().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pop3_one_line_auth_is_accepted_too() {
+    let w = pop_world(PopTls::Implicit).await;
+    let mut c = TestClient::connect_tls(w.pop.addr, w.pki.client_config()).await;
+    c.read_line().await;
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
+    c.send_line(&format!("AUTH XOAUTH2 {}", xoauth2_response(ALICE, &token)))
+        .await;
+    assert_eq!(c.read_line().await, "+OK Welcome.");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pop3_stls_mode_advertises_stls_and_requires_it_before_auth() {
+    let w = pop_world(PopTls::Stls).await;
+    let mut c = TestClient::connect(w.pop.addr).await;
+    assert!(c.read_line().await.starts_with("+OK Gpop ready"));
+    c.send_line("CAPA").await;
+    c.read_line().await;
+    assert_eq!(
+        c.read_pop_multiline().await,
+        format!("{CAPA_LINES}STLS\r\n").as_bytes()
+    );
+    c.send_line("AUTH XOAUTH2").await;
+    assert!(c.read_line().await.starts_with("-ERR"));
+    assert_eq!(w.pop.protocol_violations().len(), 1);
+    c.send_line("STLS").await;
+    assert_eq!(c.read_line().await, "+OK Begin TLS negotiation");
+    c.start_tls(w.pki.client_config()).await;
+    c.send_line("CAPA").await;
+    c.read_line().await;
+    assert_eq!(c.read_pop_multiline().await, CAPA_LINES.as_bytes());
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_line().await, "+ ");
+    c.send_line(&xoauth2_response(ALICE, &token)).await;
+    assert_eq!(c.read_line().await, "+OK Welcome.");
+    assert_eq!(w.pop.protocol_violations().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pop3_bad_token_gets_challenge_and_empty_line_gets_err_auth() {
+    let w = pop_world(PopTls::Implicit).await;
+    let mut c = TestClient::connect_tls(w.pop.addr, w.pki.client_config()).await;
+    c.read_line().await;
+    c.send_line("AUTH XOAUTH2").await;
+    assert_eq!(c.read_line().await, "+ ");
+    c.send_line(&xoauth2_response(ALICE, "ya29.nope")).await;
+    assert_eq!(c.read_line().await, format!("+ {XOAUTH2_ERROR_CHALLENGE}"));
+    c.send_line("").await;
+    assert_eq!(c.read_line().await, "-ERR [AUTH] Invalid credentials.");
+    c.send_line("USER alice@gmail.com").await;
+    assert_eq!(c.read_line().await, "+OK send PASS");
+    c.send_line("PASS hunter2").await;
+    assert_eq!(
+        c.read_line().await,
+        "-ERR [AUTH] Application-specific password required: https://support.google.com/accounts/answer/185833"
+    );
+    c.send_line("STAT").await;
+    assert!(c.read_line().await.starts_with("-ERR"));
+    assert_eq!(w.pop.failed_logins(), 2);
+    assert!(w.pop.protocol_violations().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pop3_list_uidl_top_dele_and_quit_commits_deletions() {
+    let w = pop_world(PopTls::Implicit).await;
+    w.pop.add_message(ALICE, DOTTY);
+    w.pop
+        .add_message(ALICE, b"Subject: two\r\n\r\nl1\r\nl2\r\n");
+    let mut c = pop_logged_in(&w).await;
+    c.send_line("LIST").await;
+    assert_eq!(c.read_line().await, "+OK");
+    assert_eq!(
+        c.read_pop_multiline().await,
+        format!("1 {}\r\n2 24\r\n", DOTTY.len()).as_bytes()
+    );
+    c.send_line("LIST 2").await;
+    assert_eq!(c.read_line().await, "+OK 2 24");
+    c.send_line("UIDL").await;
+    c.read_line().await;
+    let uidl = String::from_utf8(c.read_pop_multiline().await).unwrap();
+    let uids: Vec<&str> = uidl.lines().map(|l| l.split(' ').nth(1).unwrap()).collect();
+    assert_eq!(uids.len(), 2);
+    assert_ne!(uids[0], uids[1]);
+    c.send_line("TOP 2 1").await;
+    c.read_line().await;
+    assert_eq!(c.read_pop_multiline().await, b"Subject: two\r\n\r\nl1\r\n");
+    c.send_line("DELE 1").await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    c.send_line("RETR 1").await;
+    assert!(c.read_line().await.starts_with("-ERR"));
+    c.send_line("STAT").await;
+    assert_eq!(c.read_line().await, "+OK 1 24");
+    c.send_line("QUIT").await;
+    assert_eq!(c.read_line().await, "+OK Farewell.");
+    assert_eq!(w.pop.message_count(ALICE), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pop3_serves_a_20_mb_message_quickly() {
+    let w = pop_world(PopTls::Implicit).await;
+    let mut message = b"Subject: big\r\n\r\n".to_vec();
+    let line = b".0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    while message.len() < 20 * 1024 * 1024 {
+        message.extend_from_slice(line);
+    }
+    w.pop.add_message(ALICE, &message);
+    let mut c = pop_logged_in(&w).await;
+    let start = std::time::Instant::now();
+    c.send_line("RETR 1").await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    let got = c.read_pop_multiline().await;
+    let took = start.elapsed();
+    assert!(got == message, "20 MB message differs");
+    assert!(took < Duration::from_secs(5), "20 MB RETR took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imap_fake_is_understood_by_the_async_imap_client() {
+    struct XOAuth2(String);
+    impl async_imap::Authenticator for XOAuth2 {
+        type Response = String;
+        fn process(&mut self, _challenge: &[u8]) -> String {
+            self.0.clone()
+        }
+    }
+    let w = imap_world(UpstreamTls::Implicit).await;
+    w.imap.add_message(ALICE, MESSAGE);
+    let tcp = tokio::net::TcpStream::connect(w.imap.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(w.pki.client_config())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut client = async_imap::Client::new(tls);
+    client.read_response().await.unwrap().unwrap();
+    let token = w.google.mint_access_token(ALICE, Duration::from_secs(600));
+    let raw = format!("user={ALICE}\x01auth=Bearer {token}\x01\x01");
+    let mut session = client
+        .authenticate("XOAUTH2", XOAuth2(raw))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let mailbox = session.select("INBOX").await.unwrap();
+    assert_eq!(mailbox.exists, 1);
+    assert_eq!(mailbox.uid_next, Some(2));
+    assert_eq!(mailbox.uid_validity, Some(1));
+    session.noop().await.unwrap();
+    session.logout().await.unwrap();
+    assert_eq!(w.imap.successful_logins(), 1);
+    assert!(w.imap.protocol_violations().is_empty());
 }

@@ -2,7 +2,9 @@
 //! that take bytes in and hand back actions, plus the SASL pieces they share.
 
 pub mod imap;
+pub mod pop3;
 pub mod sasl;
+pub mod smtp;
 
 use crate::secret::SensitiveBytes;
 use sasl::ErrorChallenge;

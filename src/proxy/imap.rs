@@ -1,14 +1,13 @@
 //! IMAP connection driver: runs the client-side session machine until it has credentials, logs
 //! in upstream, relays the server's answer and any held pipelined commands, then splices.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::login::{self, Failure};
-use super::stream::Stream;
-use super::{splice, upstream, Conn};
+use super::{complete, open_client, read_client, upgrade_client, upstream, ClientRead, Conn};
 use crate::config::{LocalTls, UpstreamTls};
 use crate::protocol::imap::{Action, ClientSession, Limits, SessionOptions, UpstreamLogin};
 
@@ -30,28 +29,15 @@ fn reply(tag: &str, failure: &Failure) -> Vec<u8> {
 }
 
 pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
-    let peer = conn.peer;
     let limits = conn.app.config.limits.clone();
     let mut deadline = Instant::now() + limits.preauth_timeout;
     let local_tls = conn.ctx.config.local_tls;
-    let mut client = if local_tls == LocalTls::Implicit {
-        let Some(tls) = conn.ctx.server_tls.clone() else {
-            return;
-        };
-        match timeout_at(deadline, Stream::accept_tls(tcp, tls)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake with client failed");
-                return;
-            }
-            Err(_) => return,
-        }
-    } else {
-        Stream::Plain(tcp)
+    let Some(mut client) = open_client(&conn, tcp, deadline).await else {
+        return;
     };
     let mut session = ClientSession::new(SessionOptions {
         starttls_offered: local_tls == LocalTls::Starttls,
-        login_allowed: local_tls != LocalTls::Starttls || peer.ip().is_loopback(),
+        login_allowed: local_tls != LocalTls::Starttls || conn.peer.ip().is_loopback(),
         limits: Limits::default(),
     });
     if client.write_all(&session.greeting()).await.is_err() {
@@ -74,16 +60,10 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
                     return;
                 }
                 Action::StartTls => {
-                    let Some(tls) = conn.ctx.server_tls.clone() else {
+                    let Some(c) = upgrade_client(&conn, client, deadline).await else {
                         return;
                     };
-                    client = match timeout_at(deadline, client.upgrade_server(tls)).await {
-                        Ok(Ok(s)) => s,
-                        _ => {
-                            tracing::debug!(%peer, "STARTTLS handshake with client failed");
-                            return;
-                        }
-                    };
+                    client = c;
                     session.tls_established();
                 }
                 Action::Login { tag, credentials } => {
@@ -98,25 +78,9 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
                     }
                     .await;
                     match result {
-                        Ok((email, mut up)) => {
-                            tracing::info!(account = %email, %peer, protocol = "imap", "logged in");
+                        Ok((email, up)) => {
                             let pending = session.into_pending_input();
-                            if client.write_all(&up.relay).await.is_err()
-                                || client.write_all(&up.leftover).await.is_err()
-                                || up.stream.write_all(&pending).await.is_err()
-                            {
-                                return;
-                            }
-                            drop(pending);
-                            match splice(client, up.stream).await {
-                                Ok((to_up, to_client)) => {
-                                    tracing::debug!(account = %email, %peer, to_up, to_client, "session ended")
-                                }
-                                Err(e) => {
-                                    tracing::debug!(account = %email, %peer, error = %e, "session ended with an error")
-                                }
-                            }
-                            return;
+                            return complete(&conn, &email, client, up, pending).await;
                         }
                         Err(failure) => {
                             session.login_rejected(reply(&tag, &failure));
@@ -126,19 +90,18 @@ pub async fn handle(conn: Conn, tcp: TcpStream, cancel: CancellationToken) {
                 }
             }
         }
-        let read = tokio::select! {
-            r = timeout_at(deadline, client.read(&mut buf)) => r,
-            _ = cancel.cancelled() => {
-                let _ = client.write_all(b"* BYE [UNAVAILABLE] xoauth2-proxy is shutting down\r\n").await;
-                return;
-            }
-        };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(n)) => session.feed(&buf[..n]),
-            Err(_) => {
+        match read_client(&mut client, &mut buf, deadline, &cancel).await {
+            ClientRead::Data(n) => session.feed(&buf[..n]),
+            ClientRead::Closed => return,
+            ClientRead::TimedOut => {
                 let _ = client
                     .write_all(b"* BYE Autologout; no login within the time limit\r\n")
+                    .await;
+                return;
+            }
+            ClientRead::Shutdown => {
+                let _ = client
+                    .write_all(b"* BYE [UNAVAILABLE] xoauth2-proxy is shutting down\r\n")
                     .await;
                 return;
             }

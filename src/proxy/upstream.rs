@@ -54,21 +54,14 @@ pub async fn connect(conn: &Conn, deadline: Instant) -> Result<Stream, Failure> 
     }
 }
 
-/// Connect and log in upstream as `email` with `token`; on a token rejection, refresh once and
-/// retry on the same connection.
-pub async fn login<M: UpstreamMachine>(
+/// Run `machine` over `stream` until it reports an outcome.
+pub async fn exchange<M: UpstreamMachine>(
     conn: &Conn,
-    email: &str,
-    mut token: Arc<AccessToken>,
-    make: impl FnOnce(Secret) -> M,
-) -> Result<Upstream, Failure> {
-    let app = &conn.app;
-    let key = crate::config::normalize_email(email);
+    mut stream: Stream,
+    machine: &mut M,
+    deadline: Instant,
+) -> Result<(Stream, UpOutcome), Failure> {
     let target = conn.ctx.config.upstream();
-    let deadline = Instant::now() + app.config.limits.upstream_timeout;
-    let mut stream = connect(conn, deadline).await?;
-    let mut machine = make(xoauth2(email, &token.token));
-    let mut retried = false;
     let mut buf = vec![0u8; 8192];
     loop {
         while let Some(action) = machine.next_action() {
@@ -92,43 +85,7 @@ pub async fn login<M: UpstreamMachine>(
                     .map_err(|e| temporary(format!("STARTTLS with {target} failed: {e}")))?;
                     machine.tls_established();
                 }
-                UpAction::Done(UpOutcome::Success { relay, leftover }) => {
-                    return Ok(Upstream {
-                        stream,
-                        relay,
-                        leftover,
-                    });
-                }
-                UpAction::Done(UpOutcome::Rejected {
-                    challenge,
-                    line,
-                    token_rejected,
-                }) => {
-                    if !token_rejected {
-                        tracing::warn!(account = %email, upstream = %target, reply = %line, "upstream refused login");
-                        return Err(Failure::UpstreamRefused { line });
-                    }
-                    let detail = challenge
-                        .as_ref()
-                        .map(|c| c.describe())
-                        .unwrap_or_else(|| crate::protocol::imap::printable(line.as_bytes()));
-                    if retried {
-                        tracing::warn!(account = %email, upstream = %target, %detail, "upstream rejected a freshly refreshed token");
-                        return Err(Failure::TokenRejected {
-                            email: email.to_string(),
-                            detail,
-                        });
-                    }
-                    tracing::info!(account = %email, upstream = %target, %detail, "upstream rejected the access token; refreshing once");
-                    retried = true;
-                    app.tokens.invalidate(&key, &token);
-                    token = app.tokens.get(&key).await.map_err(Failure::from)?;
-                    machine.retry(xoauth2(email, &token.token));
-                }
-                UpAction::Done(UpOutcome::Failed(why)) => {
-                    tracing::warn!(account = %email, upstream = %target, %why, "upstream login failed");
-                    return Err(temporary(format!("{target}: {why}")));
-                }
+                UpAction::Done(outcome) => return Ok((stream, outcome)),
             }
         }
         let n = timeout_at(deadline, stream.read(&mut buf))
@@ -136,16 +93,84 @@ pub async fn login<M: UpstreamMachine>(
             .map_err(|_| {
                 temporary(format!(
                     "{target} did not answer within {}s",
-                    secs(app.config.limits.upstream_timeout)
+                    secs(conn.app.config.limits.upstream_timeout)
                 ))
             })?
             .map_err(|e| temporary(format!("connection to {target} failed: {e}")))?;
         if n == 0 {
-            return Err(temporary(format!(
-                "{target} closed the connection during login"
-            )));
+            return Err(temporary(format!("{target} closed the connection")));
         }
         machine.feed(&buf[..n]);
+    }
+}
+
+/// Connect and log in upstream as `email` with `token`.
+pub async fn login<M: UpstreamMachine>(
+    conn: &Conn,
+    email: &str,
+    token: Arc<AccessToken>,
+    make: impl FnOnce(Secret) -> M,
+) -> Result<Upstream, Failure> {
+    let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
+    let stream = connect(conn, deadline).await?;
+    authenticate(conn, stream, email, token, make, deadline).await
+}
+
+/// Log in on an open upstream connection; on a token rejection, refresh once and retry on the
+/// same connection.
+pub async fn authenticate<M: UpstreamMachine>(
+    conn: &Conn,
+    mut stream: Stream,
+    email: &str,
+    mut token: Arc<AccessToken>,
+    make: impl FnOnce(Secret) -> M,
+    deadline: Instant,
+) -> Result<Upstream, Failure> {
+    let app = &conn.app;
+    let key = crate::config::normalize_email(email);
+    let target = conn.ctx.config.upstream();
+    let mut machine = make(xoauth2(email, &token.token));
+    let mut retried = false;
+    loop {
+        let (s, outcome) = exchange(conn, stream, &mut machine, deadline).await?;
+        stream = s;
+        match outcome {
+            UpOutcome::Success { relay, leftover } => {
+                return Ok(Upstream {
+                    stream,
+                    relay,
+                    leftover,
+                })
+            }
+            UpOutcome::Rejected {
+                challenge,
+                line,
+                token_rejected,
+            } => {
+                let shown = crate::protocol::imap::printable(line.trim_end().as_bytes());
+                if !token_rejected {
+                    tracing::warn!(account = %email, upstream = %target, reply = %shown, "upstream refused login");
+                    return Err(Failure::UpstreamRefused { line });
+                }
+                let detail = challenge.as_ref().map(|c| c.describe()).unwrap_or(shown);
+                if retried {
+                    tracing::warn!(account = %email, upstream = %target, %detail, "upstream rejected a freshly refreshed token");
+                    return Err(Failure::TokenRejected {
+                        email: email.to_string(),
+                        detail,
+                    });
+                }
+                tracing::info!(account = %email, upstream = %target, %detail, "upstream rejected the access token; refreshing once");
+                retried = true;
+                app.tokens.invalidate(&key, &token);
+                token = app.tokens.get(&key).await.map_err(Failure::from)?;
+                machine.retry(xoauth2(email, &token.token));
+            }
+            UpOutcome::Failed(why) => {
+                tracing::warn!(account = %email, upstream = %target, %why, "upstream login failed");
+                return Err(temporary(format!("{target}: {why}")));
+            }
+        }
     }
 }
 

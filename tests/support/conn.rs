@@ -94,7 +94,7 @@ impl AsyncWrite for Stream {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
     /// The line without its terminating LF and an optional CR before it.
-    Line(Vec<u8>),
+    Text(Vec<u8>),
     /// The peer closed (or the socket failed); any partial line is dropped.
     Eof,
     /// The line exceeded the limit (it has been discarded from the buffer as far as received).
@@ -202,7 +202,7 @@ impl Conn {
                 }
                 let line = data[..end].to_vec();
                 self.consume(i + 1);
-                return Line::Line(line);
+                return Line::Text(line);
             }
             if data.len() > max + 1 {
                 let n = data.len();

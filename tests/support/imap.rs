@@ -246,7 +246,7 @@ impl Session {
         let mut logical = Vec::new();
         loop {
             let line = match self.conn()?.read_line(MAX_LINE).await {
-                Line::Line(l) => l,
+                Line::Text(l) => l,
                 Line::Eof => return Err(closed()),
                 Line::TooLong => return Ok(Err("Line too long")),
             };
@@ -466,7 +466,7 @@ impl Session {
                 }
                 self.send("+ \r\n").await?;
                 match self.conn()?.read_line(MAX_LINE).await {
-                    Line::Line(l) => String::from_utf8_lossy(&l).into_owned(),
+                    Line::Text(l) => String::from_utf8_lossy(&l).into_owned(),
                     Line::Eof => return Ok(Flow::Close),
                     Line::TooLong => {
                         self.shared.failed.fetch_add(1, Ordering::SeqCst);
@@ -505,7 +505,7 @@ impl Session {
         self.send(&format!("+ {XOAUTH2_ERROR_CHALLENGE}\r\n"))
             .await?;
         let answer = match self.conn()?.read_line(MAX_LINE).await {
-            Line::Line(l) => l,
+            Line::Text(l) => l,
             Line::Eof => return Ok(Flow::Close),
             Line::TooLong => b"<too long>".to_vec(),
         };
@@ -637,11 +637,11 @@ impl Session {
             "IDLE" => {
                 self.send("+ idling\r\n").await?;
                 match self.conn()?.read_line(MAX_LINE).await {
-                    Line::Line(l) if l.eq_ignore_ascii_case(b"DONE") => {
+                    Line::Text(l) if l.eq_ignore_ascii_case(b"DONE") => {
                         self.send(&format!("{tag} OK IDLE terminated (Success)\r\n"))
                             .await?;
                     }
-                    Line::Line(_) | Line::TooLong => {
+                    Line::Text(_) | Line::TooLong => {
                         self.shared
                             .violation("IDLE ended by something other than DONE".to_string());
                         self.send(&format!("{tag} BAD Could not parse command\r\n"))

@@ -253,7 +253,7 @@ impl Session {
         self.reply(&greeting).await?;
         loop {
             let line = match self.conn()?.read_line(MAX_LINE).await {
-                Line::Line(l) => l,
+                Line::Text(l) => l,
                 Line::Eof => return Ok(()),
                 Line::TooLong => {
                     self.reply("-ERR line too long").await?;
@@ -386,7 +386,7 @@ impl Session {
             None => {
                 self.reply("+ ").await?;
                 match self.conn()?.read_line(MAX_LINE).await {
-                    Line::Line(l) => String::from_utf8_lossy(&l).into_owned(),
+                    Line::Text(l) => String::from_utf8_lossy(&l).into_owned(),
                     Line::Eof => return Ok(Flow::Close),
                     Line::TooLong => {
                         self.shared.failed.fetch_add(1, Ordering::SeqCst);
@@ -424,7 +424,7 @@ impl Session {
         }
         self.reply(&format!("+ {XOAUTH2_ERROR_CHALLENGE}")).await?;
         let answer = match self.conn()?.read_line(MAX_LINE).await {
-            Line::Line(l) => l,
+            Line::Text(l) => l,
             Line::Eof => return Ok(Flow::Close),
             Line::TooLong => b"<too long>".to_vec(),
         };

@@ -266,7 +266,7 @@ impl Session {
         self.reply(&banner).await?;
         loop {
             let line = match self.conn()?.read_line(MAX_COMMAND_LINE).await {
-                Line::Line(l) => l,
+                Line::Text(l) => l,
                 Line::Eof => return Ok(()),
                 Line::TooLong => {
                     let id = self.id.clone();
@@ -557,7 +557,7 @@ impl Session {
             None => {
                 self.reply("334 ").await?;
                 match self.conn()?.read_line(MAX_SASL_LINE).await {
-                    Line::Line(l) => String::from_utf8_lossy(&l).into_owned(),
+                    Line::Text(l) => String::from_utf8_lossy(&l).into_owned(),
                     Line::Eof => return Ok(Flow::Close),
                     Line::TooLong => {
                         self.shared.failed.fetch_add(1, Ordering::SeqCst);
@@ -592,7 +592,7 @@ impl Session {
         self.reply(&format!("334 {XOAUTH2_ERROR_CHALLENGE}"))
             .await?;
         let answer = match self.conn()?.read_line(MAX_SASL_LINE).await {
-            Line::Line(l) => l,
+            Line::Text(l) => l,
             Line::Eof => return Ok(Flow::Close),
             Line::TooLong => b"<too long>".to_vec(),
         };

@@ -1,0 +1,266 @@
+//! Byte-exact transcripts for POP3 (protocol-facts.md §7.3), without sockets.
+
+use super::*;
+
+const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
+const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
+const ERR: &str = "eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==";
+
+fn session(starttls: bool) -> ClientSession {
+    ClientSession::new(SessionOptions {
+        starttls_offered: starttls,
+        login_allowed: true,
+    })
+}
+
+fn run(s: &mut ClientSession, input: &[u8]) -> Vec<Action> {
+    s.feed(input);
+    std::iter::from_fn(|| s.next_action()).collect()
+}
+
+fn sent(actions: &[Action]) -> String {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn login_of(actions: &[Action]) -> Option<(String, String)> {
+    actions.iter().find_map(|a| match a {
+        Action::Login { credentials } => Some((
+            credentials.username.clone(),
+            credentials.password.expose().to_string(),
+        )),
+        _ => None,
+    })
+}
+
+fn alice() -> Option<(String, String)> {
+    Some(("alice@gmail.com".into(), "local-secret".into()))
+}
+
+fn gmail_capa() -> Vec<String> {
+    [
+        "USER",
+        "RESP-CODES",
+        "EXPIRE 0",
+        "LOGIN-DELAY 300",
+        "TOP",
+        "UIDL",
+        "X-GOOGLE-RICO",
+        "SASL PLAIN XOAUTH2 OAUTHBEARER",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn greeting_has_no_apop_timestamp() {
+    let g = String::from_utf8(session(false).greeting()).unwrap();
+    assert_eq!(g, "+OK xoauth2-proxy POP3 ready\r\n");
+    assert!(!g.contains('<'));
+}
+
+#[test]
+fn p1_capa_keeps_upstream_capabilities_and_advertises_user_and_sasl_plain() {
+    let mut s = session(false);
+    assert_eq!(run(&mut s, b"CAPA\r\n"), vec![Action::Capa]);
+    s.capa_result(Some(gmail_capa()));
+    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
+    assert_eq!(
+        sent(&out),
+        "+OK Capability list follows\r\nUSER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\nTOP\r\nUIDL\r\nX-GOOGLE-RICO\r\nSASL PLAIN\r\n.\r\n"
+    );
+}
+
+#[test]
+fn capa_without_upstream_and_with_local_stls() {
+    let mut s = session(true);
+    run(&mut s, b"CAPA\r\n");
+    s.capa_result(None);
+    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
+    assert_eq!(
+        sent(&out),
+        "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\nSTLS\r\n.\r\n"
+    );
+}
+
+#[test]
+fn p1_user_pass() {
+    let mut s = session(false);
+    assert_eq!(
+        sent(&run(&mut s, b"USER alice@gmail.com\r\n")),
+        "+OK send PASS\r\n"
+    );
+    assert_eq!(login_of(&run(&mut s, b"PASS local-secret\r\n")), alice());
+}
+
+#[test]
+fn pass_keeps_spaces_in_the_password_and_needs_user_first() {
+    let mut s = session(false);
+    assert_eq!(
+        sent(&run(&mut s, b"PASS x\r\n")),
+        "-ERR Send USER first\r\n"
+    );
+    run(&mut s, b"USER alice@gmail.com\r\n");
+    let (_, pw) = login_of(&run(&mut s, b"PASS pass with spaces \r\n")).unwrap();
+    assert_eq!(pw, "pass with spaces ");
+}
+
+#[test]
+fn p2_auth_plain_with_and_without_initial_response_and_cancel() {
+    let mut s = session(false);
+    assert_eq!(
+        login_of(&run(&mut s, format!("AUTH PLAIN {PL}\r\n").as_bytes())),
+        alice()
+    );
+    let mut s = session(false);
+    assert_eq!(sent(&run(&mut s, b"AUTH PLAIN\r\n")), "+ \r\n");
+    assert_eq!(
+        login_of(&run(&mut s, format!("{PL}\r\n").as_bytes())),
+        alice()
+    );
+    let mut s = session(false);
+    run(&mut s, b"AUTH PLAIN\r\n");
+    assert_eq!(
+        sent(&run(&mut s, b"*\r\n")),
+        "-ERR Authentication cancelled\r\n"
+    );
+    assert!(sent(&run(&mut s, b"AUTH PLAIN =\r\n")).starts_with("-ERR [AUTH]"));
+}
+
+#[test]
+fn p4_bare_auth_lists_mechanisms_and_apop_is_refused() {
+    let mut s = session(false);
+    assert_eq!(sent(&run(&mut s, b"AUTH\r\n")), "+OK\r\nPLAIN\r\n.\r\n");
+    assert!(
+        sent(&run(&mut s, b"APOP alice@gmail.com 0123456789abcdef\r\n"))
+            .starts_with("-ERR APOP is not supported")
+    );
+    assert!(sent(&run(&mut s, b"AUTH XOAUTH2\r\n")).starts_with("-ERR Unsupported"));
+    assert!(sent(&run(&mut s, b"STAT\r\n")).starts_with("-ERR Log in first"));
+    let out = run(&mut s, b"QUIT\r\n");
+    assert_eq!(out.last(), Some(&Action::Close));
+}
+
+#[test]
+fn commands_pipelined_after_pass_are_held() {
+    let mut s = session(false);
+    let out = run(
+        &mut s,
+        b"USER alice@gmail.com\r\nPASS local-secret\r\nSTAT\r\nLIST\r\n",
+    );
+    assert_eq!(login_of(&out), alice());
+    assert_eq!(s.into_pending_input(), b"STAT\r\nLIST\r\n".to_vec());
+}
+
+#[test]
+fn stls_drops_injected_plaintext() {
+    let mut s = session(true);
+    let out = run(&mut s, b"STLS\r\nUSER mallory\r\n");
+    assert_eq!(
+        out,
+        vec![
+            Action::Send(b"+OK Begin TLS negotiation\r\n".to_vec()),
+            Action::StartTls
+        ]
+    );
+    s.tls_established();
+    assert!(run(&mut s, b"").is_empty());
+    assert!(sent(&run(&mut s, b"STLS\r\n")).starts_with("-ERR"));
+}
+
+fn up_run(m: &mut UpstreamPop, input: &[u8]) -> Vec<UpAction> {
+    m.feed(input);
+    std::iter::from_fn(|| m.next_action()).collect()
+}
+
+fn up_sent(actions: &[UpAction]) -> String {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            UpAction::Send(b) => Some(String::from_utf8_lossy(b.expose()).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn p1_upstream_auth_is_two_step() {
+    let mut m = UpstreamPop::new(Goal::Auth, Secret::new(XO), false, true);
+    let out = up_run(
+        &mut m,
+        b"+OK Gpop ready for requests from 203.0.113.7 x1\r\n",
+    );
+    assert_eq!(up_sent(&out), "AUTH XOAUTH2\r\n");
+    let out = up_run(&mut m, b"+ \r\n");
+    assert_eq!(up_sent(&out), format!("{XO}\r\n"));
+    let out = up_run(&mut m, b"+OK Welcome.\r\n");
+    assert_eq!(
+        out,
+        vec![UpAction::Done(UpOutcome::Success {
+            relay: b"+OK Welcome.\r\n".to_vec(),
+            leftover: vec![]
+        })]
+    );
+}
+
+#[test]
+fn p3_upstream_error_challenge_is_answered() {
+    let mut m = UpstreamPop::new(Goal::Auth, Secret::new(XO), false, false);
+    let out: Vec<_> = std::iter::from_fn(|| m.next_action()).collect();
+    assert_eq!(up_sent(&out), "AUTH XOAUTH2\r\n");
+    up_run(&mut m, b"+ \r\n");
+    let out = up_run(&mut m, format!("+ {ERR}\r\n").as_bytes());
+    assert_eq!(up_sent(&out), "\r\n");
+    let out = up_run(&mut m, b"-ERR [AUTH] Invalid credentials.\r\n");
+    let [UpAction::Done(UpOutcome::Rejected {
+        challenge: Some(c),
+        token_rejected: true,
+        ..
+    })] = &out[..]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(c.status.as_deref(), Some("400"));
+}
+
+#[test]
+fn upstream_stls_then_capa() {
+    let mut m = UpstreamPop::new(Goal::Capa, Secret::default(), true, true);
+    assert_eq!(up_sent(&up_run(&mut m, b"+OK hi\r\n")), "STLS\r\n");
+    assert_eq!(
+        up_run(&mut m, b"+OK Begin TLS negotiation\r\n"),
+        vec![UpAction::StartTls]
+    );
+    m.tls_established();
+    let out: Vec<_> = std::iter::from_fn(|| m.next_action()).collect();
+    assert_eq!(up_sent(&out), "CAPA\r\n");
+    let out = up_run(
+        &mut m,
+        b"+OK Capability list follows\r\nUSER\r\nTOP\r\n.\r\n",
+    );
+    let [UpAction::Done(UpOutcome::Success { relay, .. })] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(UpstreamPop::lines(relay), vec!["USER", "TOP"]);
+}
+
+#[test]
+fn upstream_in_use_is_not_a_token_problem() {
+    let mut m = UpstreamPop::new(Goal::Auth, Secret::new(XO), false, false);
+    let _ = std::iter::from_fn(|| m.next_action()).count();
+    up_run(&mut m, b"+ \r\n");
+    let out = up_run(&mut m, b"-ERR [IN-USE] Mailbox locked\r\n");
+    assert!(matches!(
+        &out[..],
+        [UpAction::Done(UpOutcome::Rejected {
+            token_rejected: false,
+            ..
+        })]
+    ));
+}

@@ -1,0 +1,695 @@
+//! SMTP submission authentication phase, sans-I/O.
+//!
+//! [`ClientSession`] is the proxy as an SMTP server towards the client until `AUTH` gives it
+//! credentials. The EHLO answer comes from upstream (rewritten so the extensions the client is
+//! promised hold after authentication), so the session asks its driver for it.
+//! [`UpstreamHello`] greets upstream (banner, EHLO, STARTTLS, EHLO again) and [`UpstreamAuth`]
+//! runs the two-step `AUTH XOAUTH2` there.
+
+use std::collections::VecDeque;
+
+use super::sasl::{self, ErrorChallenge, SaslError};
+use super::{find_line_end, trim_eol, Credentials, UpAction, UpOutcome, UpstreamMachine};
+use crate::secret::{Secret, SensitiveBytes};
+
+/// RFC 4954 §4 asks for room for long SASL lines; commands are 512 octets but be lenient.
+pub const MAX_LINE: usize = 4096;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Send(Vec<u8>),
+    /// Ask upstream for its EHLO answer (connecting first if needed), then call
+    /// `hello_result`.
+    Hello {
+        domain: String,
+    },
+    StartTls,
+    Login {
+        credentials: Credentials,
+    },
+    Close,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    pub starttls_offered: bool,
+    pub login_allowed: bool,
+}
+
+enum State {
+    Command,
+    AwaitHello { extended: bool },
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPassword { username: String },
+    Authenticating,
+    TlsPending,
+    Closed,
+}
+
+pub struct ClientSession {
+    opts: SessionOptions,
+    state: State,
+    greeted: bool,
+    buf: Vec<u8>,
+    scan_from: usize,
+    out: VecDeque<Action>,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("state", &self.state)
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // AuthLoginPassword holds a username only, but keep Debug uniform and short.
+        let name = match self {
+            State::Command => "command",
+            State::AwaitHello { .. } => "await-hello",
+            State::AuthPlain => "auth-plain",
+            State::AuthLoginUser => "auth-login-user",
+            State::AuthLoginPassword { .. } => "auth-login-password",
+            State::Authenticating => "authenticating",
+            State::TlsPending => "tls-pending",
+            State::Closed => "closed",
+        };
+        f.write_str(name)
+    }
+}
+
+impl ClientSession {
+    pub fn new(opts: SessionOptions) -> Self {
+        ClientSession {
+            opts,
+            state: State::Command,
+            greeted: false,
+            buf: Vec::new(),
+            scan_from: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn greeting(&self) -> Vec<u8> {
+        b"220 localhost ESMTP xoauth2-proxy ready\r\n".to_vec()
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if !matches!(self.state, State::Closed) {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    pub fn next_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            match self.state {
+                State::Authenticating
+                | State::TlsPending
+                | State::Closed
+                | State::AwaitHello { .. } => return None,
+                _ => {
+                    if !self.step() && self.out.is_empty() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Upstream's EHLO answer (its lines without the `250-`/`250 ` prefixes), or an error line
+    /// to send and close with.
+    pub fn hello_result(&mut self, result: Result<Vec<String>, String>) {
+        let State::AwaitHello { extended } = self.state else {
+            return;
+        };
+        match result {
+            Ok(lines) => {
+                self.greeted = true;
+                self.state = State::Command;
+                let reply = if extended {
+                    rewrite_ehlo(&lines, self.opts.starttls_offered)
+                } else {
+                    let first = lines.first().map(String::as_str).unwrap_or("localhost");
+                    format!("250 {first}\r\n")
+                };
+                self.send(reply);
+            }
+            Err(line) => self.close_with(&line),
+        }
+    }
+
+    pub fn login_rejected(&mut self, reply: Vec<u8>) {
+        self.out.push_back(Action::Send(reply));
+        self.state = State::Command;
+    }
+
+    /// Held bytes the client sent after AUTH, to forward upstream after the 235.
+    pub fn into_pending_input(self) -> Vec<u8> {
+        self.buf
+    }
+
+    pub fn tls_established(&mut self) {
+        // RFC 3207 §4.2: back to the post-greeting state; the client must EHLO again.
+        self.opts.starttls_offered = false;
+        self.opts.login_allowed = true;
+        self.greeted = false;
+        self.buf.clear();
+        self.scan_from = 0;
+        self.state = State::Command;
+    }
+
+    fn send(&mut self, text: String) {
+        self.out.push_back(Action::Send(text.into_bytes()));
+    }
+
+    fn close_with(&mut self, line: &str) {
+        self.send(format!("{line}\r\n"));
+        self.out.push_back(Action::Close);
+        self.state = State::Closed;
+        self.buf.clear();
+    }
+
+    fn take_line(&mut self) -> Option<Vec<u8>> {
+        match find_line_end(&self.buf, self.scan_from) {
+            Some(end) if end <= MAX_LINE => {
+                self.scan_from = 0;
+                Some(self.buf.drain(..end).collect())
+            }
+            Some(_) => {
+                self.close_with("500 5.5.6 Line too long");
+                None
+            }
+            None => {
+                if self.buf.len() > MAX_LINE {
+                    self.close_with("500 5.5.6 Line too long");
+                } else {
+                    self.scan_from = self.buf.len();
+                }
+                None
+            }
+        }
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(line) = self.take_line() else {
+            return false;
+        };
+        let text = trim_eol(&line);
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::AuthPlain => match sasl_line(text) {
+                SaslLine::Cancel => self.send("501 5.7.0 Authentication cancelled\r\n".into()),
+                SaslLine::Data(Err(e)) => self.sasl_error(e),
+                SaslLine::Data(Ok(bytes)) => self.plain(&bytes),
+            },
+            State::AuthLoginUser => match sasl_line(text) {
+                SaslLine::Cancel => self.send("501 5.7.0 Authentication cancelled\r\n".into()),
+                SaslLine::Data(Err(e)) => self.sasl_error(e),
+                SaslLine::Data(Ok(user)) => self.login_username(&user),
+            },
+            State::AuthLoginPassword { username } => match sasl_line(text) {
+                SaslLine::Cancel => self.send("501 5.7.0 Authentication cancelled\r\n".into()),
+                SaslLine::Data(Err(e)) => self.sasl_error(e),
+                SaslLine::Data(Ok(pw)) if pw.is_empty() => self.sasl_error(SaslError::Empty),
+                SaslLine::Data(Ok(pw)) => self.login(Credentials {
+                    username,
+                    password: Secret::new(String::from_utf8_lossy(&pw).into_owned()),
+                }),
+            },
+            _ => self.command(text),
+        }
+        true
+    }
+
+    fn command(&mut self, text: &[u8]) {
+        let text = String::from_utf8_lossy(text);
+        let (verb, arg) = match text.split_once(' ') {
+            Some((v, a)) => (v.to_ascii_uppercase(), a.trim()),
+            None => (text.to_ascii_uppercase(), ""),
+        };
+        match verb.as_str() {
+            "EHLO" | "HELO" => {
+                if arg.is_empty() {
+                    return self.send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
+                }
+                self.out.push_back(Action::Hello {
+                    domain: arg.chars().take(255).collect(),
+                });
+                self.state = State::AwaitHello {
+                    extended: verb == "EHLO",
+                };
+            }
+            "STARTTLS" => {
+                if !arg.is_empty() {
+                    self.send("501 5.5.4 STARTTLS takes no parameters\r\n".into());
+                } else if self.opts.starttls_offered {
+                    self.send("220 2.0.0 Ready to start TLS\r\n".into());
+                    self.out.push_back(Action::StartTls);
+                    self.buf.clear();
+                    self.scan_from = 0;
+                    self.state = State::TlsPending;
+                } else {
+                    self.send("502 5.5.1 STARTTLS is not available on this connection\r\n".into());
+                }
+            }
+            "AUTH" => self.auth(arg),
+            "NOOP" => self.send("250 2.0.0 OK\r\n".into()),
+            "RSET" => self.send("250 2.0.0 OK\r\n".into()),
+            "QUIT" => self.close_with("221 2.0.0 Bye"),
+            "VRFY" => self.send("252 2.1.5 Cannot verify the user; try sending anyway\r\n".into()),
+            "HELP" => self.send(
+                "214 2.0.0 xoauth2-proxy: EHLO, AUTH PLAIN or LOGIN, then send mail\r\n".into(),
+            ),
+            "MAIL" | "RCPT" | "DATA" | "BDAT" => self.send(
+                "530 5.7.0 Authentication required: log in with AUTH PLAIN or AUTH LOGIN first\r\n"
+                    .into(),
+            ),
+            _ => self.send("502 5.5.1 Unrecognized command\r\n".into()),
+        }
+    }
+
+    fn auth(&mut self, arg: &str) {
+        if !self.greeted {
+            return self.send("503 5.5.1 Send EHLO first\r\n".into());
+        }
+        if !self.opts.login_allowed {
+            return self.send("530 5.7.0 Must issue a STARTTLS command first\r\n".into());
+        }
+        let (mech, initial) = match arg.split_once(' ') {
+            Some((m, ir)) => (m.to_ascii_uppercase(), Some(ir.trim())),
+            None => (arg.to_ascii_uppercase(), None),
+        };
+        match (mech.as_str(), initial) {
+            ("PLAIN", None) => {
+                self.send("334 \r\n".into());
+                self.state = State::AuthPlain;
+            }
+            ("PLAIN", Some(ir)) => match sasl::decode_b64(ir.as_bytes()) {
+                Ok(bytes) => self.plain(&bytes),
+                Err(e) => self.sasl_error(e),
+            },
+            ("LOGIN", None) => {
+                self.send("334 VXNlcm5hbWU6\r\n".into());
+                self.state = State::AuthLoginUser;
+            }
+            ("LOGIN", Some(ir)) => match sasl::decode_b64(ir.as_bytes()) {
+                Ok(user) => self.login_username(&user),
+                Err(e) => self.sasl_error(e),
+            },
+            ("", _) => self.send("501 5.5.4 AUTH needs a mechanism\r\n".into()),
+            _ => self
+                .send("504 5.5.4 Unrecognized authentication type; use PLAIN or LOGIN\r\n".into()),
+        }
+    }
+
+    fn plain(&mut self, message: &[u8]) {
+        match sasl::decode_plain(message) {
+            Ok(c) => self.login(c),
+            Err(e) => self.sasl_error(e),
+        }
+    }
+
+    fn login_username(&mut self, user: &[u8]) {
+        if user.is_empty() {
+            return self.sasl_error(SaslError::Empty);
+        }
+        self.send("334 UGFzc3dvcmQ6\r\n".into());
+        self.state = State::AuthLoginPassword {
+            username: String::from_utf8_lossy(user).into_owned(),
+        };
+    }
+
+    fn login(&mut self, credentials: Credentials) {
+        self.out.push_back(Action::Login { credentials });
+        self.state = State::Authenticating;
+    }
+
+    fn sasl_error(&mut self, e: SaslError) {
+        let text = match e {
+            SaslError::BadBase64 => "501 5.5.2 Cannot decode the SASL response (invalid base64)",
+            SaslError::Empty | SaslError::Malformed => {
+                "535 5.7.8 Authentication credentials invalid"
+            }
+            SaslError::AuthzidMismatch => "535 5.7.8 Sending as another user is not supported",
+        };
+        self.send(format!("{text}\r\n"));
+    }
+}
+
+enum SaslLine {
+    Cancel,
+    Data(Result<Vec<u8>, SaslError>),
+}
+
+fn sasl_line(text: &[u8]) -> SaslLine {
+    if text == b"*" {
+        SaslLine::Cancel
+    } else {
+        SaslLine::Data(sasl::decode_b64(text))
+    }
+}
+
+/// The EHLO answer for the client: upstream's first line and extensions, with AUTH replaced
+/// by what the proxy accepts and STARTTLS only where the proxy offers it.
+pub fn rewrite_ehlo(upstream: &[String], starttls_offered: bool) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    lines.push(
+        upstream
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
+    );
+    let mut auth_added = false;
+    for ext in upstream.iter().skip(1) {
+        let keyword = ext
+            .split([' ', '='])
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        match keyword.as_str() {
+            "STARTTLS" => {}
+            "AUTH" => {
+                if !auth_added {
+                    lines.push("AUTH PLAIN LOGIN".into());
+                    auth_added = true;
+                }
+            }
+            _ => lines.push(ext.clone()),
+        }
+    }
+    if !auth_added {
+        lines.push("AUTH PLAIN LOGIN".into());
+    }
+    if starttls_offered {
+        lines.push("STARTTLS".into());
+    }
+    let last = lines.len() - 1;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("250{}{l}\r\n", if i == last { ' ' } else { '-' }))
+        .collect()
+}
+
+/// One complete SMTP reply: its code and the text of each line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+    pub raw: Vec<u8>,
+}
+
+impl Reply {
+    /// The last line as `code text`, for messages.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {}",
+            self.code,
+            self.lines.last().map(String::as_str).unwrap_or("")
+        )
+    }
+}
+
+const UP_MAX_REPLY: usize = 64 * 1024;
+
+/// Take one complete (possibly multi-line) reply from `buf`. Err: garbage or too large.
+pub fn take_reply(buf: &mut Vec<u8>) -> Result<Option<Reply>, String> {
+    let mut pos = 0;
+    let mut lines = Vec::new();
+    loop {
+        let Some(end) = find_line_end(buf, pos) else {
+            if buf.len() > UP_MAX_REPLY {
+                return Err("server sent an over-long reply".into());
+            }
+            return Ok(None);
+        };
+        let line = trim_eol(&buf[pos..end]);
+        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+            return Err(format!(
+                "unexpected reply: {}",
+                super::imap::printable(line)
+            ));
+        }
+        let code: u16 = std::str::from_utf8(&line[..3])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let more = line.get(3) == Some(&b'-');
+        let text = line.get(4..).unwrap_or(b"");
+        lines.push(String::from_utf8_lossy(text).into_owned());
+        pos = end;
+        if !more {
+            let raw: Vec<u8> = buf.drain(..pos).collect();
+            return Ok(Some(Reply { code, lines, raw }));
+        }
+        if pos > UP_MAX_REPLY {
+            return Err("server sent an over-long reply".into());
+        }
+    }
+}
+
+#[derive(Debug)]
+enum HelloState {
+    Banner,
+    FirstEhlo,
+    StartTls,
+    TlsPending,
+    Ehlo,
+    Done,
+}
+
+/// Upstream greeting: banner (first time), EHLO, STARTTLS + EHLO again when configured.
+/// Succeeds with the EHLO reply lines in `relay` (text lines joined by `\n`).
+pub struct UpstreamHello {
+    domain: String,
+    starttls: bool,
+    state: HelloState,
+    buf: Vec<u8>,
+    out: VecDeque<UpAction>,
+}
+
+impl UpstreamHello {
+    /// `connected_fresh`: the banner is still to be read.
+    pub fn new(domain: &str, starttls: bool, connected_fresh: bool) -> Self {
+        let mut h = UpstreamHello {
+            domain: domain.to_string(),
+            starttls,
+            state: HelloState::Banner,
+            buf: Vec::new(),
+            out: VecDeque::new(),
+        };
+        if !connected_fresh {
+            h.ehlo(HelloState::Ehlo);
+        }
+        h
+    }
+
+    fn ehlo(&mut self, next: HelloState) {
+        let line = format!("EHLO {}\r\n", self.domain);
+        self.out
+            .push_back(UpAction::Send(SensitiveBytes::new(line.into_bytes())));
+        self.state = next;
+    }
+
+    fn fail(&mut self, why: String) {
+        self.out.push_back(UpAction::Done(UpOutcome::Failed(why)));
+        self.state = HelloState::Done;
+    }
+
+    /// The EHLO lines from a successful outcome's relay.
+    pub fn lines(relay: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(relay)
+            .split('\n')
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl UpstreamMachine for UpstreamHello {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn next_action(&mut self) -> Option<UpAction> {
+        loop {
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            if matches!(self.state, HelloState::Done | HelloState::TlsPending) {
+                return None;
+            }
+            let reply = match take_reply(&mut self.buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.fail(e);
+                    continue;
+                }
+            };
+            match self.state {
+                HelloState::Banner if reply.code == 220 => self.ehlo(HelloState::FirstEhlo),
+                HelloState::FirstEhlo if reply.code == 250 && self.starttls => {
+                    self.out.push_back(UpAction::Send(SensitiveBytes::new(
+                        b"STARTTLS\r\n".to_vec(),
+                    )));
+                    self.state = HelloState::StartTls;
+                }
+                HelloState::StartTls if reply.code == 220 => {
+                    self.out.push_back(UpAction::StartTls);
+                    self.state = HelloState::TlsPending;
+                }
+                HelloState::FirstEhlo | HelloState::Ehlo if reply.code == 250 => {
+                    self.out.push_back(UpAction::Done(UpOutcome::Success {
+                        relay: reply.lines.join("\n").into_bytes(),
+                        leftover: std::mem::take(&mut self.buf),
+                    }));
+                    self.state = HelloState::Done;
+                }
+                _ => {
+                    let what = match self.state {
+                        HelloState::Banner => "greeting",
+                        HelloState::StartTls => "STARTTLS",
+                        _ => "EHLO",
+                    };
+                    self.fail(format!("{what} refused: {}", reply.summary()));
+                }
+            }
+        }
+    }
+
+    fn tls_established(&mut self) {
+        self.buf.clear();
+        self.ehlo(HelloState::Ehlo);
+    }
+
+    fn retry(&mut self, _xoauth2: Secret) {}
+}
+
+#[derive(Debug)]
+enum AuthState {
+    Prompt,
+    Result,
+    AfterChallenge(ErrorChallenge),
+    Done,
+}
+
+/// Upstream `AUTH XOAUTH2`, always two-step (inline responses over 512 octets are refused).
+pub struct UpstreamAuth {
+    xoauth2: Secret,
+    state: AuthState,
+    buf: Vec<u8>,
+    out: VecDeque<UpAction>,
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamAuth")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamAuth {
+    pub fn new(xoauth2: Secret) -> Self {
+        let mut a = UpstreamAuth {
+            xoauth2,
+            state: AuthState::Prompt,
+            buf: Vec::new(),
+            out: VecDeque::new(),
+        };
+        a.start();
+        a
+    }
+
+    fn start(&mut self) {
+        self.out.push_back(UpAction::Send(SensitiveBytes::new(
+            b"AUTH XOAUTH2\r\n".to_vec(),
+        )));
+        self.state = AuthState::Prompt;
+    }
+
+    fn done(&mut self, outcome: UpOutcome) {
+        self.out.push_back(UpAction::Done(outcome));
+        self.state = AuthState::Done;
+    }
+}
+
+impl UpstreamMachine for UpstreamAuth {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn next_action(&mut self) -> Option<UpAction> {
+        loop {
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            if matches!(self.state, AuthState::Done) {
+                return None;
+            }
+            let reply = match take_reply(&mut self.buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.done(UpOutcome::Failed(e));
+                    continue;
+                }
+            };
+            let rejected = |challenge, reply: &Reply| UpOutcome::Rejected {
+                challenge,
+                line: String::from_utf8_lossy(&reply.raw).into_owned(),
+                token_rejected: reply.code == 535,
+            };
+            match std::mem::replace(&mut self.state, AuthState::Done) {
+                AuthState::Prompt if reply.code == 334 => {
+                    let line = format!("{}\r\n", self.xoauth2.expose());
+                    self.out
+                        .push_back(UpAction::Send(SensitiveBytes::new(line.into_bytes())));
+                    self.state = AuthState::Result;
+                }
+                AuthState::Result if reply.code == 334 => {
+                    let payload = reply.lines.first().map(String::as_str).unwrap_or("");
+                    let challenge = ErrorChallenge::parse(payload.as_bytes());
+                    self.out
+                        .push_back(UpAction::Send(SensitiveBytes::new(b"\r\n".to_vec())));
+                    self.state = AuthState::AfterChallenge(challenge);
+                }
+                AuthState::Result if reply.code == 235 => {
+                    let leftover = std::mem::take(&mut self.buf);
+                    self.done(UpOutcome::Success {
+                        relay: reply.raw,
+                        leftover,
+                    });
+                }
+                AuthState::AfterChallenge(challenge) => {
+                    let mut outcome = rejected(Some(challenge), &reply);
+                    if let UpOutcome::Rejected { token_rejected, .. } = &mut outcome {
+                        // After an error challenge the refusal is about the token whatever the code.
+                        *token_rejected = reply.code >= 500;
+                    }
+                    self.done(outcome);
+                }
+                _ => {
+                    let outcome = rejected(None, &reply);
+                    self.done(outcome);
+                }
+            }
+        }
+    }
+
+    fn tls_established(&mut self) {}
+
+    fn retry(&mut self, xoauth2: Secret) {
+        self.xoauth2 = xoauth2;
+        self.start();
+    }
+}
+
+#[cfg(test)]
+mod tests;
