@@ -15,7 +15,7 @@ use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
 use super::sasl::{self, ErrorChallenge, SaslError};
-use super::{find_line_end, trim_eol, Credentials, UpAction, UpOutcome};
+use super::{trim_eol, Credentials, Input, LineTooLong, UpAction, UpOutcome};
 use crate::secret::{Secret, SensitiveBytes};
 
 pub use super::ClientAction as Action;
@@ -65,10 +65,7 @@ enum State {
 pub struct ClientSession {
     opts: SessionOptions,
     state: State,
-    /// Unconsumed input.
-    buf: Vec<u8>,
-    /// Where to resume the search for a line end in `buf`.
-    scan_from: usize,
+    input: Input,
     /// The command assembled so far (lines and literals).
     command: Vec<u8>,
     literal_left: Option<usize>,
@@ -80,7 +77,7 @@ impl std::fmt::Debug for ClientSession {
         // Buffers may hold passwords: show only the state and sizes.
         f.debug_struct("ClientSession")
             .field("state", &self.state_name())
-            .field("buffered", &self.buf.len())
+            .field("buffered", &self.input.len())
             .finish()
     }
 }
@@ -92,8 +89,7 @@ impl ClientSession {
         ClientSession {
             opts,
             state: State::Command,
-            buf: Vec::new(),
-            scan_from: 0,
+            input: Input::default(),
             command: Vec::new(),
             literal_left: None,
             out: VecDeque::new(),
@@ -132,7 +128,7 @@ impl ClientSession {
     /// Bytes received from the client.
     pub fn feed(&mut self, bytes: &[u8]) {
         if !matches!(self.state, State::Closed) {
-            self.buf.extend_from_slice(bytes);
+            self.input.push(bytes);
         }
     }
 
@@ -162,7 +158,7 @@ impl ClientSession {
     /// Upstream login succeeded: the session ends here. Returns what the client sent after its
     /// login command (pipelined commands), to forward upstream unchanged.
     pub fn into_pending_input(self) -> Vec<u8> {
-        self.buf
+        self.input.into_inner()
     }
 
     /// TLS is up on the client connection. Anything the client sent in plaintext after
@@ -170,8 +166,7 @@ impl ClientSession {
     pub fn tls_established(&mut self) {
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
-        self.buf.clear();
-        self.scan_from = 0;
+        self.input.clear();
         self.state = State::Command;
     }
 
@@ -180,7 +175,7 @@ impl ClientSession {
             .push_back(Action::Send(format!("{line}\r\n").into_bytes()));
         self.out.push_back(Action::Close);
         self.state = State::Closed;
-        self.buf.clear();
+        self.input.clear();
     }
 
     fn send(&mut self, text: String) {
@@ -190,21 +185,10 @@ impl ClientSession {
     /// Take one complete line from the buffer, enforcing the line limit. None: need more input
     /// (or the connection is being closed).
     fn take_line(&mut self) -> Option<Vec<u8>> {
-        match find_line_end(&self.buf, self.scan_from) {
-            Some(end) if end <= self.opts.limits.max_line => {
-                self.scan_from = 0;
-                Some(self.buf.drain(..end).collect())
-            }
-            Some(_) => {
+        match self.input.line(self.opts.limits.max_line) {
+            Ok(line) => line,
+            Err(LineTooLong) => {
                 self.close_with("* BYE [TOOBIG] Line too long");
-                None
-            }
-            None => {
-                if self.buf.len() > self.opts.limits.max_line {
-                    self.close_with("* BYE [TOOBIG] Line too long");
-                } else {
-                    self.scan_from = self.buf.len();
-                }
                 None
             }
         }
@@ -272,10 +256,10 @@ impl ClientSession {
 
     fn step_command(&mut self) -> bool {
         if let Some(n) = self.literal_left {
-            if self.buf.len() < n {
+            let Some(octets) = self.input.take(n) else {
                 return false;
-            }
-            self.command.extend(self.buf.drain(..n));
+            };
+            self.command.extend_from_slice(&octets);
             self.literal_left = None;
             return true;
         }
@@ -347,8 +331,7 @@ impl ClientSession {
                 if self.opts.starttls_offered {
                     self.send(format!("{tag} OK Begin TLS negotiation now\r\n"));
                     self.out.push_back(Action::StartTls);
-                    self.buf.clear();
-                    self.scan_from = 0;
+                    self.input.clear();
                     self.state = State::TlsPending;
                 } else {
                     self.send(format!("{tag} BAD STARTTLS is not available on this connection\r\n"));
@@ -706,7 +689,7 @@ pub struct UpstreamLogin {
     starttls: bool,
     sasl_ir: bool,
     state: UpState,
-    buf: Vec<u8>,
+    buf: Input,
     untagged: Vec<u8>,
     out: VecDeque<UpAction>,
 }
@@ -748,14 +731,14 @@ impl UpstreamLogin {
             starttls,
             sasl_ir: true,
             state: UpState::Greeting,
-            buf: Vec::new(),
+            buf: Input::default(),
             untagged: Vec::new(),
             out: VecDeque::new(),
         }
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.buf.push(bytes);
     }
 
     pub fn tls_established(&mut self) {
@@ -802,15 +785,13 @@ impl UpstreamLogin {
             if matches!(self.state, UpState::Done | UpState::TlsPending) {
                 return None;
             }
-            let Some(end) = find_line_end(&self.buf, 0) else {
-                if self.buf.len() > UP_MAX_LINE {
-                    self.done(UpOutcome::Failed("server sent an over-long line".into()));
-                    continue;
+            match self.buf.line(UP_MAX_LINE) {
+                Ok(Some(line)) => self.on_line(line),
+                Ok(None) => return None,
+                Err(LineTooLong) => {
+                    self.done(UpOutcome::Failed("server sent an over-long line".into()))
                 }
-                return None;
-            };
-            let line: Vec<u8> = self.buf.drain(..end).collect();
-            self.on_line(line);
+            }
         }
     }
 
@@ -888,7 +869,7 @@ impl UpstreamLogin {
                     if starts_with_ci(rest, b"OK") {
                         let mut relay = std::mem::take(&mut self.untagged);
                         relay.extend_from_slice(&line);
-                        let leftover = std::mem::take(&mut self.buf);
+                        let leftover = std::mem::take(&mut self.buf).into_inner();
                         self.done(UpOutcome::Success { relay, leftover });
                     } else {
                         let challenge = challenge.take();

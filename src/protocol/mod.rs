@@ -16,6 +16,62 @@ pub struct Credentials {
     pub password: crate::secret::Secret,
 }
 
+/// What a client sent before login, not yet consumed: read as lines of bounded length (and,
+/// for IMAP literals, counted octets).
+#[derive(Default)]
+pub(crate) struct Input {
+    buf: Vec<u8>,
+    /// Where to resume the search for a line end: no byte is scanned twice.
+    scan_from: usize,
+}
+
+/// A line longer than the limit; the session cannot resynchronise and closes.
+pub(crate) struct LineTooLong;
+
+impl Input {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line (with its line end), None if it has not all arrived.
+    pub fn line(&mut self, max: usize) -> Result<Option<Vec<u8>>, LineTooLong> {
+        match find_line_end(&self.buf, self.scan_from) {
+            Some(end) if end <= max => {
+                self.scan_from = 0;
+                Ok(Some(self.buf.drain(..end).collect()))
+            }
+            Some(_) => Err(LineTooLong),
+            None if self.buf.len() > max => Err(LineTooLong),
+            None => {
+                self.scan_from = self.buf.len();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Exactly `n` octets, once they have arrived.
+    pub fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        if self.buf.len() < n {
+            return None;
+        }
+        self.scan_from = 0;
+        Some(self.buf.drain(..n).collect())
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.scan_from = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn into_inner(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
 /// Find the end of the first line (index just past `\n`) at or after `from`.
 pub(crate) fn find_line_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(from..)?

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
-use super::{find_line_end, trim_eol, Credentials, UpAction, UpOutcome, UpstreamMachine};
+use super::{trim_eol, Credentials, Input, LineTooLong, UpAction, UpOutcome, UpstreamMachine};
 use crate::secret::{Secret, SensitiveBytes};
 
 pub const MAX_LINE: usize = 4096;
@@ -45,15 +45,14 @@ pub struct ClientSession {
     state: State,
     /// From USER, waiting for PASS.
     user: Option<String>,
-    buf: Vec<u8>,
-    scan_from: usize,
+    input: Input,
     out: VecDeque<Action>,
 }
 
 impl std::fmt::Debug for ClientSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSession")
-            .field("buffered", &self.buf.len())
+            .field("buffered", &self.input.len())
             .finish_non_exhaustive()
     }
 }
@@ -64,8 +63,7 @@ impl ClientSession {
             opts,
             state: State::Command,
             user: None,
-            buf: Vec::new(),
-            scan_from: 0,
+            input: Input::default(),
             out: VecDeque::new(),
         }
     }
@@ -77,7 +75,7 @@ impl ClientSession {
 
     pub fn feed(&mut self, bytes: &[u8]) {
         if !matches!(self.state, State::Closed) {
-            self.buf.extend_from_slice(bytes);
+            self.input.push(bytes);
         }
     }
 
@@ -123,15 +121,14 @@ impl ClientSession {
     }
 
     pub fn into_pending_input(self) -> Vec<u8> {
-        self.buf
+        self.input.into_inner()
     }
 
     pub fn tls_established(&mut self) {
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
         self.user = None;
-        self.buf.clear();
-        self.scan_from = 0;
+        self.input.clear();
         self.state = State::Command;
     }
 
@@ -143,25 +140,14 @@ impl ClientSession {
         self.send(format!("{line}\r\n"));
         self.out.push_back(Action::Close);
         self.state = State::Closed;
-        self.buf.clear();
+        self.input.clear();
     }
 
     fn take_line(&mut self) -> Option<Vec<u8>> {
-        match find_line_end(&self.buf, self.scan_from) {
-            Some(end) if end <= MAX_LINE => {
-                self.scan_from = 0;
-                Some(self.buf.drain(..end).collect())
-            }
-            Some(_) => {
+        match self.input.line(MAX_LINE) {
+            Ok(line) => line,
+            Err(LineTooLong) => {
                 self.close_with("-ERR Line too long");
-                None
-            }
-            None => {
-                if self.buf.len() > MAX_LINE {
-                    self.close_with("-ERR Line too long");
-                } else {
-                    self.scan_from = self.buf.len();
-                }
                 None
             }
         }
@@ -228,8 +214,7 @@ impl ClientSession {
                 if self.opts.starttls_offered {
                     self.send("+OK Begin TLS negotiation\r\n".into());
                     self.out.push_back(Action::StartTls);
-                    self.buf.clear();
-                    self.scan_from = 0;
+                    self.input.clear();
                     self.state = State::TlsPending;
                 } else {
                     self.send("-ERR STLS is not available on this connection\r\n".into());
@@ -347,7 +332,7 @@ pub struct UpstreamPop {
     starttls: bool,
     state: UpState,
     capa: Vec<String>,
-    buf: Vec<u8>,
+    buf: Input,
     out: VecDeque<UpAction>,
 }
 
@@ -372,7 +357,7 @@ impl UpstreamPop {
             starttls,
             state: UpState::Greeting,
             capa: Vec::new(),
-            buf: Vec::new(),
+            buf: Input::default(),
             out: VecDeque::new(),
         };
         if !fresh {
@@ -427,7 +412,7 @@ impl UpstreamPop {
             UpState::CapaLines => {
                 if text == b"." {
                     let relay = self.capa.join("\n").into_bytes();
-                    let leftover = std::mem::take(&mut self.buf);
+                    let leftover = std::mem::take(&mut self.buf).into_inner();
                     self.done(UpOutcome::Success { relay, leftover });
                 } else {
                     let t = text.strip_prefix(b".").unwrap_or(text);
@@ -444,7 +429,7 @@ impl UpstreamPop {
                 self.state = UpState::AuthResult;
             }
             UpState::AuthResult if ok => {
-                let leftover = std::mem::take(&mut self.buf);
+                let leftover = std::mem::take(&mut self.buf).into_inner();
                 self.done(UpOutcome::Success {
                     relay: line,
                     leftover,
@@ -495,7 +480,7 @@ fn is_not_a_token_problem(text: &[u8]) -> bool {
 
 impl UpstreamMachine for UpstreamPop {
     fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.buf.push(bytes);
     }
 
     fn next_action(&mut self) -> Option<UpAction> {
@@ -506,15 +491,13 @@ impl UpstreamMachine for UpstreamPop {
             if matches!(self.state, UpState::Done | UpState::TlsPending) {
                 return None;
             }
-            let Some(end) = find_line_end(&self.buf, 0) else {
-                if self.buf.len() > UP_MAX_LINE {
-                    self.done(UpOutcome::Failed("server sent an over-long line".into()));
-                    continue;
+            match self.buf.line(UP_MAX_LINE) {
+                Ok(Some(line)) => self.on_line(line),
+                Ok(None) => return None,
+                Err(LineTooLong) => {
+                    self.done(UpOutcome::Failed("server sent an over-long line".into()))
                 }
-                return None;
-            };
-            let line: Vec<u8> = self.buf.drain(..end).collect();
-            self.on_line(line);
+            }
         }
     }
 

@@ -9,7 +9,9 @@
 use std::collections::VecDeque;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
-use super::{find_line_end, trim_eol, Credentials, UpAction, UpOutcome, UpstreamMachine};
+use super::{
+    find_line_end, trim_eol, Credentials, Input, LineTooLong, UpAction, UpOutcome, UpstreamMachine,
+};
 use crate::secret::{Secret, SensitiveBytes};
 
 /// RFC 4954 §4 asks for room for long SASL lines; commands are 512 octets but be lenient.
@@ -51,8 +53,7 @@ pub struct ClientSession {
     opts: SessionOptions,
     state: State,
     greeted: bool,
-    buf: Vec<u8>,
-    scan_from: usize,
+    input: Input,
     out: VecDeque<Action>,
 }
 
@@ -60,7 +61,7 @@ impl std::fmt::Debug for ClientSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSession")
             .field("state", &self.state)
-            .field("buffered", &self.buf.len())
+            .field("buffered", &self.input.len())
             .finish()
     }
 }
@@ -88,8 +89,7 @@ impl ClientSession {
             opts,
             state: State::Command,
             greeted: false,
-            buf: Vec::new(),
-            scan_from: 0,
+            input: Input::default(),
             out: VecDeque::new(),
         }
     }
@@ -100,7 +100,7 @@ impl ClientSession {
 
     pub fn feed(&mut self, bytes: &[u8]) {
         if !matches!(self.state, State::Closed) {
-            self.buf.extend_from_slice(bytes);
+            self.input.push(bytes);
         }
     }
 
@@ -152,7 +152,7 @@ impl ClientSession {
 
     /// Held bytes the client sent after AUTH, to forward upstream after the 235.
     pub fn into_pending_input(self) -> Vec<u8> {
-        self.buf
+        self.input.into_inner()
     }
 
     pub fn tls_established(&mut self) {
@@ -160,8 +160,7 @@ impl ClientSession {
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
         self.greeted = false;
-        self.buf.clear();
-        self.scan_from = 0;
+        self.input.clear();
         self.state = State::Command;
     }
 
@@ -173,25 +172,14 @@ impl ClientSession {
         self.send(format!("{line}\r\n"));
         self.out.push_back(Action::Close);
         self.state = State::Closed;
-        self.buf.clear();
+        self.input.clear();
     }
 
     fn take_line(&mut self) -> Option<Vec<u8>> {
-        match find_line_end(&self.buf, self.scan_from) {
-            Some(end) if end <= MAX_LINE => {
-                self.scan_from = 0;
-                Some(self.buf.drain(..end).collect())
-            }
-            Some(_) => {
+        match self.input.line(MAX_LINE) {
+            Ok(line) => line,
+            Err(LineTooLong) => {
                 self.close_with("500 5.5.6 Line too long");
-                None
-            }
-            None => {
-                if self.buf.len() > MAX_LINE {
-                    self.close_with("500 5.5.6 Line too long");
-                } else {
-                    self.scan_from = self.buf.len();
-                }
                 None
             }
         }
@@ -251,8 +239,7 @@ impl ClientSession {
                 } else if self.opts.starttls_offered {
                     self.send("220 2.0.0 Ready to start TLS\r\n".into());
                     self.out.push_back(Action::StartTls);
-                    self.buf.clear();
-                    self.scan_from = 0;
+                    self.input.clear();
                     self.state = State::TlsPending;
                 } else {
                     self.send("502 5.5.1 STARTTLS is not available on this connection\r\n".into());
