@@ -84,6 +84,8 @@ impl std::fmt::Debug for ClientSession {
 
 const PROXY_NAME: &str = "xoauth2-proxy";
 
+super::impl_client_session!(ClientSession);
+
 impl ClientSession {
     pub fn new(opts: SessionOptions) -> Self {
         ClientSession {

@@ -1,12 +1,9 @@
 //! Sans-I/O protocol code: the authentication phases of IMAP, SMTP and POP3 as state machines
 //! that take bytes in and hand back actions, plus the SASL pieces they share.
 
-pub mod imap;
-pub mod pop3;
-pub mod sasl;
-pub mod smtp;
-
 use crate::secret::SensitiveBytes;
+
+pub mod sasl;
 use sasl::ErrorChallenge;
 
 /// What the client asked to log in with, once its credentials are complete.
@@ -101,9 +98,61 @@ pub enum ClientAction {
         tag: String,
         credentials: Credentials,
     },
+    /// A question only upstream can answer before login; call the session's answer method.
+    Query(Query),
     /// Close the connection (after sending what was queued).
     Close,
 }
+
+/// Pre-login questions a session passes to upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Query {
+    /// SMTP EHLO/HELO: upstream's extensions, so the client is promised what holds after login.
+    Hello { domain: String },
+    /// POP3 CAPA: upstream's capabilities.
+    Capa,
+}
+
+/// The client half of a protocol's authentication phase, driven by `proxy`.
+pub trait ClientSession: Send {
+    /// The first bytes to send the client.
+    fn greeting(&self) -> Vec<u8>;
+    fn feed(&mut self, bytes: &[u8]);
+    fn next_action(&mut self) -> Option<ClientAction>;
+    /// TLS is up after a `ClientAction::StartTls`.
+    fn tls_established(&mut self);
+    /// The login failed; `reply` is the complete response for the client.
+    fn login_rejected(&mut self, reply: Vec<u8>);
+    /// The login succeeded: what the client sent after its login command, for upstream.
+    fn into_pending_input(self) -> Vec<u8>;
+}
+
+/// Implements [`ClientSession`] for a session type through its inherent methods of the same names.
+macro_rules! impl_client_session {
+    ($t:ty) => {
+        impl $crate::protocol::ClientSession for $t {
+            fn greeting(&self) -> Vec<u8> {
+                <$t>::greeting(self)
+            }
+            fn feed(&mut self, bytes: &[u8]) {
+                <$t>::feed(self, bytes)
+            }
+            fn next_action(&mut self) -> Option<$crate::protocol::ClientAction> {
+                <$t>::next_action(self)
+            }
+            fn tls_established(&mut self) {
+                <$t>::tls_established(self)
+            }
+            fn login_rejected(&mut self, reply: Vec<u8>) {
+                <$t>::login_rejected(self, reply)
+            }
+            fn into_pending_input(self) -> Vec<u8> {
+                <$t>::into_pending_input(self)
+            }
+        }
+    };
+}
+pub(crate) use impl_client_session;
 
 /// What the driver must do next for the upstream side.
 #[derive(Debug, PartialEq, Eq)]
@@ -143,3 +192,7 @@ pub trait UpstreamMachine: Send {
     /// After `UpOutcome::Rejected`, authenticate again on the same connection with a new token.
     fn retry(&mut self, xoauth2: crate::secret::Secret);
 }
+
+pub mod imap;
+pub mod pop3;
+pub mod smtp;

@@ -13,17 +13,8 @@ use crate::secret::{Secret, SensitiveBytes};
 
 pub const MAX_LINE: usize = 4096;
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum Action {
-    Send(Vec<u8>),
-    /// Ask upstream for its CAPA list (connecting first if needed), then call `capa_result`.
-    Capa,
-    StartTls,
-    Login {
-        credentials: Credentials,
-    },
-    Close,
-}
+pub use super::ClientAction as Action;
+use super::Query;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SessionOptions {
@@ -56,6 +47,8 @@ impl std::fmt::Debug for ClientSession {
             .finish_non_exhaustive()
     }
 }
+
+super::impl_client_session!(ClientSession);
 
 impl ClientSession {
     pub fn new(opts: SessionOptions) -> Self {
@@ -182,7 +175,7 @@ impl ClientSession {
         };
         match verb.as_str() {
             "CAPA" => {
-                self.out.push_back(Action::Capa);
+                self.out.push_back(Action::Query(Query::Capa));
                 self.state = State::AwaitCapa;
             }
             "USER" => {
@@ -260,7 +253,10 @@ impl ClientSession {
     }
 
     fn login(&mut self, credentials: Credentials) {
-        self.out.push_back(Action::Login { credentials });
+        self.out.push_back(Action::Login {
+            tag: String::new(),
+            credentials,
+        });
         self.state = State::Authenticating;
     }
 

@@ -17,20 +17,8 @@ use crate::secret::{Secret, SensitiveBytes};
 /// RFC 4954 §4 asks for room for long SASL lines; commands are 512 octets but be lenient.
 pub const MAX_LINE: usize = 4096;
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum Action {
-    Send(Vec<u8>),
-    /// Ask upstream for its EHLO answer (connecting first if needed), then call
-    /// `hello_result`.
-    Hello {
-        domain: String,
-    },
-    StartTls,
-    Login {
-        credentials: Credentials,
-    },
-    Close,
-}
+pub use super::ClientAction as Action;
+use super::Query;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SessionOptions {
@@ -82,6 +70,8 @@ impl std::fmt::Debug for State {
         f.write_str(name)
     }
 }
+
+super::impl_client_session!(ClientSession);
 
 impl ClientSession {
     pub fn new(opts: SessionOptions) -> Self {
@@ -226,9 +216,9 @@ impl ClientSession {
                 if arg.is_empty() {
                     return self.send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
                 }
-                self.out.push_back(Action::Hello {
+                self.out.push_back(Action::Query(Query::Hello {
                     domain: arg.chars().take(255).collect(),
-                });
+                }));
                 self.state = State::AwaitHello {
                     extended: verb == "EHLO",
                 };
@@ -313,7 +303,10 @@ impl ClientSession {
     }
 
     fn login(&mut self, credentials: Credentials) {
-        self.out.push_back(Action::Login { credentials });
+        self.out.push_back(Action::Login {
+            tag: String::new(),
+            credentials,
+        });
         self.state = State::Authenticating;
     }
 

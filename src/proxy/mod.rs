@@ -5,6 +5,7 @@
 mod imap;
 pub mod login;
 mod pop3;
+mod session;
 mod smtp;
 pub mod stream;
 pub mod upstream;
@@ -199,9 +200,9 @@ async fn handle(
 ) {
     let conn = Conn { app, ctx, peer };
     match conn.ctx.config.protocol {
-        Protocol::Imap => imap::handle(conn, tcp, cancel).await,
-        Protocol::Smtp => smtp::handle(conn, tcp, cancel).await,
-        Protocol::Pop3 => pop3::handle(conn, tcp, cancel).await,
+        Protocol::Imap => session::run(imap::Imap, conn, tcp, cancel).await,
+        Protocol::Smtp => session::run(smtp::Smtp::default(), conn, tcp, cancel).await,
+        Protocol::Pop3 => session::run(pop3::Pop3::default(), conn, tcp, cancel).await,
     }
 }
 
@@ -235,92 +236,3 @@ pub async fn splice(
 }
 
 const SPLICE_BUF: usize = 16 * 1024;
-
-/// The client connection as the listener wants it: implicit TLS accepted, or plain.
-async fn open_client(
-    conn: &Conn,
-    tcp: TcpStream,
-    deadline: tokio::time::Instant,
-) -> Option<stream::Stream> {
-    if conn.ctx.config.local_tls != LocalTls::Implicit {
-        return Some(stream::Stream::Plain(tcp));
-    }
-    let tls = conn.ctx.server_tls.clone()?;
-    match tokio::time::timeout_at(deadline, stream::Stream::accept_tls(tcp, tls)).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake with client failed");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
-/// Upgrade the client connection after a local STARTTLS/STLS go-ahead.
-async fn upgrade_client(
-    conn: &Conn,
-    client: stream::Stream,
-    deadline: tokio::time::Instant,
-) -> Option<stream::Stream> {
-    let tls = conn.ctx.server_tls.clone()?;
-    match tokio::time::timeout_at(deadline, client.upgrade_server(tls)).await {
-        Ok(Ok(s)) => Some(s),
-        _ => {
-            tracing::debug!(peer = %conn.peer, "STARTTLS handshake with client failed");
-            None
-        }
-    }
-}
-
-/// What waiting for the client produced.
-enum ClientRead {
-    Data(usize),
-    Closed,
-    TimedOut,
-    Shutdown,
-}
-
-async fn read_client(
-    client: &mut stream::Stream,
-    buf: &mut [u8],
-    deadline: tokio::time::Instant,
-    cancel: &CancellationToken,
-) -> ClientRead {
-    use tokio::io::AsyncReadExt;
-    tokio::select! {
-        r = tokio::time::timeout_at(deadline, client.read(buf)) => match r {
-            Ok(Ok(0)) | Ok(Err(_)) => ClientRead::Closed,
-            Ok(Ok(n)) => ClientRead::Data(n),
-            Err(_) => ClientRead::TimedOut,
-        },
-        _ = cancel.cancelled() => ClientRead::Shutdown,
-    }
-}
-
-/// Logged in: give the client upstream's answer, forward what the client pipelined after its
-/// login, then splice until both sides are done.
-async fn complete(
-    conn: &Conn,
-    email: &str,
-    mut client: stream::Stream,
-    mut up: upstream::Upstream,
-    pending: Vec<u8>,
-) {
-    let peer = conn.peer;
-    tracing::info!(account = %email, %peer, protocol = conn.ctx.config.protocol.name(), "logged in");
-    if client.write_all(&up.relay).await.is_err()
-        || client.write_all(&up.leftover).await.is_err()
-        || up.stream.write_all(&pending).await.is_err()
-    {
-        return;
-    }
-    drop(pending);
-    match splice(client, up.stream).await {
-        Ok((to_up, to_client)) => {
-            tracing::debug!(account = %email, %peer, to_up, to_client, "session ended")
-        }
-        Err(e) => {
-            tracing::debug!(account = %email, %peer, error = %e, "session ended with an error")
-        }
-    }
-}

@@ -30,7 +30,7 @@ fn sent(actions: &[Action]) -> String {
 
 fn login_of(actions: &[Action]) -> Option<(String, String)> {
     actions.iter().find_map(|a| match a {
-        Action::Login { credentials } => Some((
+        Action::Login { credentials, .. } => Some((
             credentials.username.clone(),
             credentials.password.expose().to_string(),
         )),
@@ -68,7 +68,7 @@ fn greeting_has_no_apop_timestamp() {
 #[test]
 fn p1_capa_keeps_upstream_capabilities_and_advertises_user_and_sasl_plain() {
     let mut s = session(false);
-    assert_eq!(run(&mut s, b"CAPA\r\n"), vec![Action::Capa]);
+    assert_eq!(run(&mut s, b"CAPA\r\n"), vec![Action::Query(Query::Capa)]);
     s.capa_result(Some(gmail_capa()));
     let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
     assert_eq!(

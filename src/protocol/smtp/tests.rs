@@ -1,6 +1,7 @@
 //! Byte-exact transcripts for SMTP (protocol-facts.md §7.2), without sockets.
 
 use super::*;
+use crate::protocol::Query;
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -46,7 +47,7 @@ fn sent(actions: &[Action]) -> String {
 
 fn login_of(actions: &[Action]) -> Option<(String, String)> {
     actions.iter().find_map(|a| match a {
-        Action::Login { credentials } => Some((
+        Action::Login { credentials, .. } => Some((
             credentials.username.clone(),
             credentials.password.expose().to_string(),
         )),
@@ -64,9 +65,9 @@ fn greeted(starttls: bool) -> ClientSession {
     let out = run(&mut s, b"EHLO client.example\r\n");
     assert_eq!(
         out,
-        vec![Action::Hello {
+        vec![Action::Query(Query::Hello {
             domain: "client.example".into()
-        }]
+        })]
     );
     s.hello_result(Ok(gmail_ehlo_after_tls()));
     let _ = std::iter::from_fn(|| s.next_action()).count();
@@ -109,9 +110,9 @@ fn helo_gets_a_single_line() {
     let out = run(&mut s, b"HELO old.client\r\n");
     assert_eq!(
         out,
-        vec![Action::Hello {
+        vec![Action::Query(Query::Hello {
             domain: "old.client".into()
-        }]
+        })]
     );
     s.hello_result(Ok(gmail_ehlo_after_tls()));
     let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();

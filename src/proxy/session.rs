@@ -1,0 +1,184 @@
+//! The connection driver all protocols share: greet, run the client session machine until it
+//! has credentials (answering its questions for upstream on the way), log in, then splice.
+//! What differs per protocol is a [`Dialect`].
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::login::{self, Failure};
+use super::stream::Stream;
+use super::upstream::Upstream;
+use super::{splice, Conn};
+use crate::config::LocalTls;
+use crate::oauth::AccessToken;
+use crate::protocol::{ClientAction, ClientSession, Query};
+
+/// What a protocol adds to the shared driver.
+pub(crate) trait Dialect: Send {
+    type Session: ClientSession;
+
+    /// A session for a new client; `starttls_offered` when the listener does local STARTTLS,
+    /// `login_allowed` false while a remote client has not started TLS on such a listener.
+    fn session(&self, starttls_offered: bool, login_allowed: bool) -> Self::Session;
+
+    /// The complete reply for a failed login (IMAP tags it with `tag`).
+    fn failure_reply(&self, tag: &str, failure: &Failure) -> Vec<u8>;
+
+    /// Sent before closing a client that did not log in within the time limit.
+    fn timeout_line(&self) -> &'static [u8];
+
+    /// Sent to clients still logging in when the proxy shuts down.
+    fn shutdown_line(&self) -> &'static [u8];
+
+    /// Answer a pre-login question with upstream's help (SMTP EHLO, POP3 CAPA).
+    fn query(
+        &mut self,
+        conn: &Conn,
+        session: &mut Self::Session,
+        query: Query,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Log in upstream as `email` with `token` (reusing a connection a query opened).
+    fn login(
+        &mut self,
+        conn: &Conn,
+        tag: &str,
+        email: &str,
+        token: Arc<AccessToken>,
+    ) -> impl Future<Output = Result<Upstream, Failure>> + Send;
+}
+
+pub(crate) async fn run<D: Dialect>(
+    mut dialect: D,
+    conn: Conn,
+    tcp: TcpStream,
+    cancel: CancellationToken,
+) {
+    let limits = conn.app.config.limits.clone();
+    let mut deadline = Instant::now() + limits.preauth_timeout;
+    let local_tls = conn.ctx.config.local_tls;
+    let Some(mut client) = open_client(&conn, tcp, deadline).await else {
+        return;
+    };
+    let starttls = local_tls == LocalTls::Starttls;
+    let mut session = dialect.session(starttls, !starttls || conn.peer.ip().is_loopback());
+    if client.write_all(&session.greeting()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 4096];
+    loop {
+        while let Some(action) = session.next_action() {
+            match action {
+                ClientAction::Send(bytes) => {
+                    if timeout_at(deadline, client.write_all(&bytes))
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
+                        return;
+                    }
+                }
+                ClientAction::Close => {
+                    let _ = timeout_at(deadline, client.shutdown()).await;
+                    return;
+                }
+                ClientAction::StartTls => {
+                    let Some(tls) = conn.ctx.server_tls.clone() else {
+                        return;
+                    };
+                    client = match timeout_at(deadline, client.upgrade_server(tls)).await {
+                        Ok(Ok(s)) => s,
+                        _ => {
+                            tracing::debug!(peer = %conn.peer, "STARTTLS handshake with client failed");
+                            return;
+                        }
+                    };
+                    session.tls_established();
+                }
+                ClientAction::Query(query) => dialect.query(&conn, &mut session, query).await,
+                ClientAction::Login { tag, credentials } => {
+                    let result = async {
+                        let (email, token) = login::authorize(&conn, &credentials).await?;
+                        let up = dialect.login(&conn, &tag, &email, token).await?;
+                        Ok::<_, Failure>((email, up))
+                    }
+                    .await;
+                    match result {
+                        Ok((email, up)) => {
+                            let pending = session.into_pending_input();
+                            return complete(&conn, &email, client, up, pending).await;
+                        }
+                        Err(failure) => {
+                            session.login_rejected(dialect.failure_reply(&tag, &failure));
+                            deadline = Instant::now() + limits.preauth_timeout;
+                        }
+                    }
+                }
+            }
+        }
+        let read = tokio::select! {
+            r = timeout_at(deadline, client.read(&mut buf)) => r,
+            _ = cancel.cancelled() => {
+                let _ = timeout_at(deadline, client.write_all(dialect.shutdown_line())).await;
+                return;
+            }
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => session.feed(&buf[..n]),
+            Err(_) => {
+                let grace = Instant::now() + std::time::Duration::from_secs(2);
+                let _ = timeout_at(grace, client.write_all(dialect.timeout_line())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The client connection as the listener wants it: implicit TLS accepted, or plain.
+async fn open_client(conn: &Conn, tcp: TcpStream, deadline: Instant) -> Option<Stream> {
+    if conn.ctx.config.local_tls != LocalTls::Implicit {
+        return Some(Stream::Plain(tcp));
+    }
+    let tls = conn.ctx.server_tls.clone()?;
+    match timeout_at(deadline, Stream::accept_tls(tcp, tls)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake with client failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Logged in: give the client upstream's answer, forward what the client pipelined after its
+/// login, then splice until both sides are done.
+async fn complete(
+    conn: &Conn,
+    email: &str,
+    mut client: Stream,
+    mut up: Upstream,
+    pending: Vec<u8>,
+) {
+    let peer = conn.peer;
+    tracing::info!(account = %email, %peer, protocol = conn.ctx.config.protocol.name(), "logged in");
+    if client.write_all(&up.relay).await.is_err()
+        || client.write_all(&up.leftover).await.is_err()
+        || up.stream.write_all(&pending).await.is_err()
+    {
+        return;
+    }
+    drop(pending);
+    match splice(client, up.stream).await {
+        Ok((to_up, to_client)) => {
+            tracing::debug!(account = %email, %peer, to_up, to_client, "session ended")
+        }
+        Err(e) => {
+            tracing::debug!(account = %email, %peer, error = %e, "session ended with an error")
+        }
+    }
+}
