@@ -160,6 +160,7 @@ struct RawLimits {
     preauth_timeout_secs: Option<u64>,
     upstream_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    imap_connections_per_account: Option<usize>,
 }
 
 /// A validated config.
@@ -240,6 +241,8 @@ pub struct Limits {
     pub preauth_timeout: Duration,
     pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Gmail allows 15 simultaneous IMAP connections per account; more are refused here.
+    pub imap_connections_per_account: usize,
 }
 
 impl Default for Limits {
@@ -249,6 +252,7 @@ impl Default for Limits {
             preauth_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            imap_connections_per_account: 15,
         }
     }
 }
@@ -435,6 +439,11 @@ impl Config {
                 .shutdown_grace_secs
                 .map(Duration::from_secs)
                 .unwrap_or(d.shutdown_grace),
+            imap_connections_per_account: raw
+                .limits
+                .imap_connections_per_account
+                .unwrap_or(d.imap_connections_per_account)
+                .max(1),
         };
 
         Ok(Config {

@@ -27,17 +27,20 @@ async fn world_with(
     upstream_tls: UpstreamTls,
     specs: impl FnOnce(std::net::SocketAddr) -> Vec<ListenerSpec>,
 ) -> World {
+    world_with_limits(upstream_tls, specs, harness::TEST_LIMITS).await
+}
+
+async fn world_with_limits(
+    upstream_tls: UpstreamTls,
+    specs: impl FnOnce(std::net::SocketAddr) -> Vec<ListenerSpec>,
+    limits: &str,
+) -> World {
     let google = FakeGoogle::start().await;
     let pki = TestPki::new();
     let imap = FakeImap::start(&google, &pki, upstream_tls).await;
     imap.add_message(ALICE, MESSAGE);
-    let proxy = Proxy::start(
-        &google,
-        &pki,
-        &specs(imap.addr),
-        &[ALICE, "carol@gmail.com"],
-    )
-    .await;
+    let accounts = [ALICE, "carol@gmail.com"];
+    let proxy = Proxy::start_with_limits(&google, &pki, &specs(imap.addr), &accounts, limits).await;
     let password = proxy.authorize(&google, ALICE);
     World {
         google,
@@ -277,7 +280,17 @@ async fn upstream_unreachable_is_a_temporary_failure() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_access_token_is_refreshed_once_for_a_hundred_parallel_logins() {
-    let w = world().await;
+    // Above Gmail's 15 sessions per account, which the proxy otherwise enforces.
+    let limits = format!(
+        "{}imap_connections_per_account = 200\n",
+        harness::TEST_LIMITS
+    );
+    let w = world_with_limits(
+        UpstreamTls::Implicit,
+        |up| vec![ListenerSpec::new("imap", up)],
+        &limits,
+    )
+    .await;
     w.google.set_expires_in(2);
     let mut c = connect(&w).await;
     c.send_line(&format!("a LOGIN {ALICE} {}", w.password))

@@ -194,9 +194,9 @@ async fn two_hundred_messages_in_one_session_and_over_twenty_parallel_sessions_v
     .unwrap();
     let got = w.smtp.messages();
     assert_eq!(got.len(), 400);
-    for i in 0..200 {
+    for (i, message) in got.iter().take(200).enumerate() {
         let want = format!("From: alice@gmail.com\r\nTo: bob@example.org\r\nSubject: n{i}\r\n\r\nbody {i}\r\n.\r\n");
-        assert_eq!(got[i].data, want.as_bytes());
+        assert_eq!(message.data, want.as_bytes());
     }
     // One token request served all 21 sessions.
     assert_eq!(w.google.token_requests(), 1);

@@ -35,6 +35,7 @@ impl Dialect for Imap {
             }
             Failure::Misconfigured { .. } => format!("{tag} NO [CONTACTADMIN] {text}"),
             Failure::Temporary { .. } => format!("{tag} NO [UNAVAILABLE] {text}"),
+            Failure::TooManySessions { .. } => format!("{tag} NO [LIMIT] {text}"),
             // The server's own words (NO [ALERT] ...), already a complete response after the tag.
             Failure::UpstreamRefused { line } => format!("{tag} {line}"),
         };
@@ -63,10 +64,19 @@ impl Dialect for Imap {
         email: &str,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
+        let slot = conn
+            .app
+            .imap_slot(email)
+            .ok_or_else(|| Failure::TooManySessions {
+                email: email.to_string(),
+                limit: conn.app.config.limits.imap_connections_per_account,
+            })?;
         let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
-        upstream::login(conn, email, token, |xo| {
+        let mut up = upstream::login(conn, email, token, |xo| {
             UpstreamLogin::new(tag, xo, starttls)
         })
-        .await
+        .await?;
+        up.slot = Some(slot);
+        Ok(up)
     }
 }

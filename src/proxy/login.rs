@@ -24,6 +24,8 @@ pub enum Failure {
     TokenRejected { email: String, detail: String },
     /// Upstream refused for another reason (an [ALERT], a connection limit): its own words.
     UpstreamRefused { line: String },
+    /// The account already has as many upstream sessions as the provider allows.
+    TooManySessions { email: String, limit: usize },
 }
 
 impl From<TokenError> for Failure {
@@ -59,6 +61,9 @@ impl Failure {
                 "Gmail rejected the OAuth token for {email} ({detail}); if this persists run `xoauth2-proxy login {email}`"
             ),
             Failure::UpstreamRefused { line } => line.clone(),
+            Failure::TooManySessions { email, limit } => format!(
+                "{email} already has {limit} open sessions, Gmail's limit; close a mail client or wait"
+            ),
         }
     }
 }
@@ -69,18 +74,30 @@ pub async fn authorize(
     credentials: &Credentials,
 ) -> Result<(String, Arc<AccessToken>), Failure> {
     let app = &conn.app;
-    let key = match app
+    let source = conn.peer.ip();
+    let permit = app.throttle.admit(source).await;
+    let verified = app
         .accounts
         .verify(&credentials.username, &credentials.password)
-        .await
-    {
-        Ok(key) => key,
+        .await;
+    drop(permit);
+    let key = match verified {
+        Ok(key) => {
+            app.throttle.succeeded(source);
+            key
+        }
         Err(LocalAuthError::BadCredentials) => {
             tracing::info!(
                 user = %printable(&credentials.username),
                 peer = %conn.peer,
                 "login refused: wrong username or password"
             );
+            app.throttle
+                .failed(
+                    source,
+                    &crate::config::normalize_email(&credentials.username),
+                )
+                .await;
             return Err(Failure::BadCredentials);
         }
         Err(LocalAuthError::Store(detail)) => {

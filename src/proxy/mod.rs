@@ -8,6 +8,7 @@ mod pop3;
 mod session;
 mod smtp;
 pub mod stream;
+pub mod throttle;
 pub mod upstream;
 
 use std::future::Future;
@@ -31,6 +32,9 @@ pub struct App {
     pub config: Config,
     pub accounts: Arc<Accounts>,
     pub tokens: TokenManager,
+    pub throttle: throttle::Throttle,
+    /// Per account, the upstream IMAP sessions it may still open.
+    imap_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
 }
 
 impl std::fmt::Debug for App {
@@ -48,7 +52,22 @@ impl App {
             config,
             accounts,
             tokens,
+            throttle: Default::default(),
+            imap_slots: Default::default(),
         }))
+    }
+
+    /// Reserve one of `email`'s upstream IMAP sessions, if it has one left.
+    pub fn imap_slot(&self, email: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let limit = self.config.limits.imap_connections_per_account;
+        let slots = self
+            .imap_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(crate::config::normalize_email(email))
+            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .clone();
+        slots.try_acquire_owned().ok()
     }
 }
 
@@ -226,13 +245,35 @@ pub struct Conn {
     pub peer: SocketAddr,
 }
 
-/// After authentication: copy bytes both ways until both sides are done, nothing parsed.
-pub async fn splice(
-    mut client: stream::Stream,
-    mut upstream: stream::Stream,
-) -> std::io::Result<(u64, u64)> {
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUF, SPLICE_BUF)
-        .await
+/// After authentication: copy bytes both ways, nothing parsed. The server ending its side
+/// ends the session (the client is closed too, so nothing holds Gmail's connection slot); the
+/// client ending its side is passed on as a half-close while the server's last words still
+/// reach the client. Returns (bytes to upstream, bytes to client).
+pub async fn splice(client: stream::Stream, upstream: stream::Stream) -> std::io::Result<(u64, u64)> {
+    use tokio::io::{AsyncWriteExt, BufReader};
+    let (client_read, mut client_write) = tokio::io::split(client);
+    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let mut client_read = BufReader::with_capacity(SPLICE_BUF, client_read);
+    let mut upstream_read = BufReader::with_capacity(SPLICE_BUF, upstream_read);
+    let to_upstream = async {
+        let n = tokio::io::copy_buf(&mut client_read, &mut upstream_write).await?;
+        upstream_write.shutdown().await?;
+        Ok::<u64, std::io::Error>(n)
+    };
+    let to_client = async {
+        let n = tokio::io::copy_buf(&mut upstream_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+        n
+    };
+    tokio::pin!(to_upstream, to_client);
+    tokio::select! {
+        down = &mut to_client => Ok((0, down?)),
+        up = &mut to_upstream => {
+            let up = up?;
+            let down = to_client.await?;
+            Ok((up, down))
+        }
+    }
 }
 
 const SPLICE_BUF: usize = 16 * 1024;

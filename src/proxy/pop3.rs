@@ -49,6 +49,7 @@ impl Dialect for Pop3 {
             | Failure::TokenRejected { .. } => "-ERR [AUTH]",
             Failure::Misconfigured { .. } => "-ERR [SYS/PERM]",
             Failure::Temporary { .. } => "-ERR [SYS/TEMP]",
+            Failure::TooManySessions { .. } => "-ERR [IN-USE]",
             Failure::UpstreamRefused { line } => {
                 let mut bytes = line.trim_end().as_bytes().to_vec();
                 bytes.extend_from_slice(b"\r\n");

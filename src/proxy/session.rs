@@ -173,6 +173,7 @@ async fn complete(
         return;
     }
     drop(pending);
+    let _slot = up.slot.take();
     match splice(client, up.stream).await {
         Ok((to_up, to_client)) => {
             tracing::debug!(account = %email, %peer, to_up, to_client, "session ended")

@@ -83,9 +83,9 @@ impl Dialect for Smtp {
             Failure::BadCredentials
             | Failure::NotAuthorized { .. }
             | Failure::TokenRejected { .. } => one_line("535 5.7.8", &text),
-            Failure::Misconfigured { .. } | Failure::Temporary { .. } => {
-                one_line("454 4.7.0", &text)
-            }
+            Failure::Misconfigured { .. }
+            | Failure::Temporary { .. }
+            | Failure::TooManySessions { .. } => one_line("454 4.7.0", &text),
             // The server's own reply (e.g. 454 4.7.0 Too many login attempts), verbatim.
             Failure::UpstreamRefused { line } => {
                 let mut bytes = line.clone().into_bytes();

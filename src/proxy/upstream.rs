@@ -24,6 +24,8 @@ pub struct Upstream {
     pub relay: Vec<u8>,
     /// Bytes the server sent after it.
     pub leftover: Vec<u8>,
+    /// Held for the session's life where the provider limits concurrent sessions.
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 fn temporary(detail: String) -> Failure {
@@ -140,6 +142,7 @@ pub async fn authenticate<M: UpstreamMachine>(
                     stream,
                     relay,
                     leftover,
+                    slot: None,
                 })
             }
             UpOutcome::Rejected {

@@ -53,14 +53,28 @@ pub struct Proxy {
 }
 
 /// The config text for these listeners and accounts (state dir and certificates in `dir`).
+/// The `[limits]` the tests use unless they say otherwise.
+pub const TEST_LIMITS: &str =
+    "upstream_timeout_secs = 10\npreauth_timeout_secs = 30\nshutdown_grace_secs = 2\n";
+
 pub fn config_text(
     google: &FakeGoogle,
     pki: &TestPki,
     listeners: &[ListenerSpec],
     accounts: &[&str],
 ) -> String {
+    config_text_with_limits(google, pki, listeners, accounts, TEST_LIMITS)
+}
+
+pub fn config_text_with_limits(
+    google: &FakeGoogle,
+    pki: &TestPki,
+    listeners: &[ListenerSpec],
+    accounts: &[&str],
+    limits: &str,
+) -> String {
     let mut text = format!(
-        "state_dir = \"state\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[providers.google]\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nauth_url = \"{}\"\n\n[limits]\nupstream_timeout_secs = 10\npreauth_timeout_secs = 30\nshutdown_grace_secs = 2\n",
+        "state_dir = \"state\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[providers.google]\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nauth_url = \"{}\"\n\n[limits]\n{limits}",
         pki.cert_pem_path.display(),
         pki.key_pem_path.display(),
         google.token_url,
@@ -89,9 +103,26 @@ impl Proxy {
         listeners: &[ListenerSpec],
         accounts: &[&str],
     ) -> Proxy {
+        Proxy::start_with_limits(google, pki, listeners, accounts, TEST_LIMITS).await
+    }
+
+    /// As `start`, with this text as the `[limits]` table.
+    pub async fn start_with_limits(
+        google: &FakeGoogle,
+        pki: &TestPki,
+        listeners: &[ListenerSpec],
+        accounts: &[&str],
+        limits: &str,
+    ) -> Proxy {
+        let text = config_text_with_limits(google, pki, listeners, accounts, limits);
+        Proxy::start_with_config(&text).await
+    }
+
+    /// Start from complete config text.
+    pub async fn start_with_config(text: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config_text(google, pki, listeners, accounts)).unwrap();
+        std::fs::write(&config_path, text).unwrap();
         let config = Config::load(&config_path).unwrap();
         let bound = proxy::bind(&config).await.unwrap();
         let addrs = bound.iter().map(|l| l.local_addr()).collect();
