@@ -191,7 +191,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         let ctx = listener.ctx.clone();
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -236,6 +236,18 @@ async fn refuse_busy(protocol: Protocol, mut tcp: TcpStream) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(line)).await;
+}
+
+/// Every proxied socket: no Nagle delay on small protocol lines, and TCP keepalive so a peer
+/// that vanished without closing (laptop lid, NAT timeout) does not hold a session forever
+/// while idle IMAP sessions (IDLE) are never cut by the proxy itself.
+pub(crate) fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(300))
+        .with_interval(Duration::from_secs(60))
+        .with_retries(5);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
 /// One client connection's context.

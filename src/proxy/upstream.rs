@@ -43,7 +43,7 @@ pub async fn connect(conn: &Conn, deadline: Instant) -> Result<Stream, Failure> 
     .await
     .map_err(|_| temporary(format!("connecting to {target} timed out")))?
     .map_err(|e| temporary(format!("cannot connect to {target}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
+    super::tune(&tcp);
     match cfg.upstream_tls {
         UpstreamTls::Implicit => timeout_at(
             deadline,

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""A stand-in for Google's OAuth token endpoint, plus the RFC 7662 introspection endpoint the
+test Dovecot validates bearer tokens against. Python 3 standard library only.
+
+Endpoints
+  POST /token        grant_type=refresh_token, client_id, client_secret, refresh_token
+                     -> 200 {"access_token", "expires_in", "scope", "token_type"}
+                     -> 400 {"error": "invalid_grant"} for a revoked or unknown refresh token
+                     -> 401 {"error": "invalid_client"} for a wrong client id/secret
+                     -> 503 while the endpoint is "down"
+  POST /introspect   token=...  -> {"active": true, "email", "scope", ...} or {"active": false}
+
+Control (for the test runner; answers JSON)
+  POST /control/add-refresh-token   refresh_token=...&email=...
+  POST /control/revoke              [refresh_token=...]   (all refresh tokens if none given)
+  POST /control/expire-access-tokens                      (every issued access token inactive)
+  POST /control/down | /control/up                        (/token answers 503 while down)
+  GET  /control/stats   {"token_requests", "token_ok", "token_failed", "introspections", ...}
+
+Usage: fake_google.py --port N --client-id ID --client-secret S
+                      [--refresh-token TOKEN=EMAIL ...] [--expires-in SECS]
+"""
+
+import argparse
+import json
+import secrets
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+SCOPE = "https://mail.google.com/"
+
+
+class State:
+    def __init__(self, client_id, client_secret, expires_in):
+        self.lock = threading.Lock()
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.expires_in = expires_in
+        self.refresh = {}  # refresh token -> {"email", "revoked"}
+        self.access = {}  # access token -> {"email", "exp", "active"}
+        self.down = False
+        self.stats = {
+            "token_requests": 0,  # every POST /token, whatever the answer
+            "token_ok": 0,
+            "token_failed": 0,
+            "introspections": 0,
+            "introspections_active": 0,
+        }
+
+
+STATE = None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-google/1"
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), fmt % args))
+        sys.stderr.flush()
+
+    def _form(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        parsed = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
+        return {k: v[0] for k, v in parsed.items()}
+
+    def _json(self, status, obj, extra_headers=()):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in extra_headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/control/stats":
+            with STATE.lock:
+                out = dict(STATE.stats)
+                out["down"] = STATE.down
+                out["access_tokens_issued"] = len(STATE.access)
+            return self._json(200, out)
+        if self.path == "/health":
+            return self._json(200, {"ok": True})
+        return self._json(404, {"error": "not_found"})
+
+    def do_POST(self):
+        path = self.path.split("?", 1)[0]
+        form = self._form()
+        if path == "/token":
+            return self._token(form)
+        if path == "/introspect":
+            return self._introspect(form)
+        if path.startswith("/control/"):
+            return self._control(path[len("/control/"):], form)
+        return self._json(404, {"error": "not_found"})
+
+    def _token(self, form):
+        with STATE.lock:
+            STATE.stats["token_requests"] += 1
+            if STATE.down:
+                STATE.stats["token_failed"] += 1
+                return self._json(503, {"error": "temporarily_unavailable"})
+            if (form.get("client_id") != STATE.client_id
+                    or form.get("client_secret") != STATE.client_secret):
+                STATE.stats["token_failed"] += 1
+                return self._json(401, {"error": "invalid_client",
+                                        "error_description": "The OAuth client was not found."})
+            if form.get("grant_type") != "refresh_token":
+                STATE.stats["token_failed"] += 1
+                return self._json(400, {"error": "unsupported_grant_type"})
+            entry = STATE.refresh.get(form.get("refresh_token", ""))
+            if entry is None or entry["revoked"]:
+                STATE.stats["token_failed"] += 1
+                return self._json(400, {"error": "invalid_grant",
+                                        "error_description": "Token has been expired or revoked."})
+            token = "ya29.interop-" + secrets.token_urlsafe(24)
+            STATE.access[token] = {
+                "email": entry["email"],
+                "exp": time.time() + STATE.expires_in,
+                "active": True,
+            }
+            STATE.stats["token_ok"] += 1
+            return self._json(200, {
+                "access_token": token,
+                "expires_in": STATE.expires_in,
+                "scope": SCOPE,
+                "token_type": "Bearer",
+            })
+
+    def _introspect(self, form):
+        with STATE.lock:
+            STATE.stats["introspections"] += 1
+            entry = STATE.access.get(form.get("token", ""))
+            if entry is None or not entry["active"] or entry["exp"] <= time.time():
+                return self._json(200, {"active": False})
+            STATE.stats["introspections_active"] += 1
+            return self._json(200, {
+                "active": True,
+                "email": entry["email"],
+                "scope": SCOPE,
+                "exp": int(entry["exp"]),
+                "token_type": "Bearer",
+            })
+
+    def _control(self, what, form):
+        with STATE.lock:
+            if what == "add-refresh-token":
+                STATE.refresh[form["refresh_token"]] = {"email": form["email"], "revoked": False}
+            elif what == "revoke":
+                tok = form.get("refresh_token")
+                for k, v in STATE.refresh.items():
+                    if tok is None or k == tok:
+                        v["revoked"] = True
+            elif what == "expire-access-tokens":
+                for v in STATE.access.values():
+                    v["active"] = False
+            elif what == "down":
+                STATE.down = True
+            elif what == "up":
+                STATE.down = False
+            else:
+                return self._json(404, {"error": "unknown control " + what})
+            return self._json(200, {"ok": True})
+
+
+def main():
+    global STATE
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--client-id", required=True)
+    ap.add_argument("--client-secret", required=True)
+    ap.add_argument("--refresh-token", action="append", default=[], metavar="TOKEN=EMAIL")
+    ap.add_argument("--expires-in", type=int, default=3599)
+    args = ap.parse_args()
+    STATE = State(args.client_id, args.client_secret, args.expires_in)
+    for item in args.refresh_token:
+        tok, email = item.split("=", 1)
+        STATE.refresh[tok] = {"email": email, "revoked": False}
+    ThreadingHTTPServer.daemon_threads = True
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    sys.stderr.write("fake-google listening on %s:%d\n" % (args.host, args.port))
+    sys.stderr.flush()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
