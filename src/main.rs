@@ -1,13 +1,17 @@
 //! Command line: parses arguments, calls into the library, maps errors to exit codes
 //! (0 success, 1 failure with a one-line reason on stderr, 2 usage).
 
-use std::io::{BufRead, IsTerminal};
+mod check;
+
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use xoauth2_proxy::accounts;
-use xoauth2_proxy::config::{self, Config};
+use xoauth2_proxy::accounts::{self, format_age, format_time};
+use xoauth2_proxy::config::{self, Config, LocalTls};
+use xoauth2_proxy::oauth::flow;
 use xoauth2_proxy::secret::Secret;
 use xoauth2_proxy::store::Store;
 
@@ -36,6 +40,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Authorize a Google account in a browser (authorization code + PKCE, loopback redirect)
+    /// and store its refresh token
+    Login {
+        email: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Do not try to open a browser; open the printed address yourself (on any device)
+        #[arg(long)]
+        no_browser: bool,
+        /// Give up after this many seconds without an answer
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
     /// Store a refresh token obtained elsewhere, after checking it with one refresh
     Import {
         email: String,
@@ -49,6 +66,19 @@ enum Command {
     Password {
         #[command(subcommand)]
         command: PasswordCommand,
+    },
+    /// One row per configured account: credential, token expiry and age, passwords, what to do
+    Accounts {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON (an array of objects) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config, get a fresh token for every account, reach every upstream
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Write a self-signed certificate and key for localhost to the paths in [tls]
     Cert {
@@ -85,11 +115,18 @@ enum PasswordCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // serve logs its work; one-off commands print their own words and log only trouble
+    // (`check` not even that: its lines already say what failed).
+    let default_level = match cli.command {
+        Command::Serve { .. } => "info",
+        Command::Check { .. } => "error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -165,7 +202,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("refresh token for {} not stored: {e}", acct.email))?;
                 let stored = granted.refresh_token.as_ref().unwrap_or(&token);
-                accounts::save_refresh_token(&store, &acct.email, stored).map_err(|e| e.to_string())?;
+                accounts::save_grant(&store, &acct.email, stored, granted.refresh_token_expires_in)
+                    .map_err(|e| e.to_string())?;
                 println!(
                     "Stored the refresh token for {} (checked: Google issued an access token valid for {} s).",
                     acct.email,
@@ -173,6 +211,62 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
                 Ok(())
             })
+        }
+        Command::Login {
+            email,
+            config: config_arg,
+            no_browser,
+            timeout,
+        } => {
+            let config = load(&config_arg)?;
+            let acct = account(&config, &email)?;
+            if let Some(key) = &acct.service_account_key {
+                return Err(format!(
+                    "{} uses a service account key ({}), which needs no login; `xoauth2-proxy check{}` shows whether it works",
+                    acct.email,
+                    key.display(),
+                    config_hint(&config_arg, &config)
+                ));
+            }
+            let client = config
+                .oauth_client(acct)
+                .map_err(|e| format!("{e}. To make one: {}", flow_console_steps()))?;
+            let store = open_store(&config)?;
+            runtime()?.block_on(login(
+                &config,
+                &config_arg,
+                acct,
+                client,
+                &store,
+                !no_browser,
+                Duration::from_secs(timeout.max(1)),
+            ))
+        }
+        Command::Accounts { config, json } => {
+            let config = load(&config)?;
+            let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
+            let serve = xoauth2_proxy::oauth::status::read_live(&config.state_dir);
+            let rows = accounts::report(&config, &data, serve.as_ref(), accounts::now_unix());
+            if json {
+                let text = serde_json::to_string_pretty(&rows)
+                    .map_err(|e| format!("cannot encode JSON: {e}"))?;
+                println!("{text}");
+            } else if rows.is_empty() {
+                println!("No [[account]] in {}.", config.path.display());
+            } else {
+                print_accounts_table(&rows);
+            }
+            Ok(())
+        }
+        Command::Check { config } => {
+            let path = config::resolve_path(config.config.as_deref()).map_err(|e| e.to_string())?;
+            let (total, failed) = runtime()?.block_on(check::run(&path));
+            if failed == 0 {
+                println!("All {total} checks passed.");
+                Ok(())
+            } else {
+                Err(format!("{failed} of {total} checks failed"))
+            }
         }
         Command::Password { command } => match command {
             PasswordCommand::Add {
@@ -252,16 +346,275 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-fn format_time(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
+/// ` -c PATH` for commands printed as advice, when the user named the config explicitly.
+fn config_hint(arg: &ConfigArg, config: &Config) -> String {
+    if arg.config.is_none() {
+        return String::new();
+    }
+    let path = config.path.display().to_string();
+    if path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+,:@".contains(c))
+    {
+        format!(" -c {path}")
+    } else {
+        format!(" -c '{}'", path.replace('\'', "'\\''"))
+    }
+}
+
+fn flow_console_steps() -> &'static str {
+    "in Google Cloud console create a project; under Google Auth Platform set Branding, Audience (External, and add the account under Test users, or publish the app), Data Access (add https://mail.google.com/), then Clients > Create client > Desktop app; put its client_id and client_secret in [providers.google]"
+}
+
+async fn login(
+    config: &Config,
+    config_arg: &ConfigArg,
+    acct: &config::AccountConfig,
+    client: config::OAuthClient,
+    store: &Store,
+    open: bool,
+    timeout: Duration,
+) -> Result<(), String> {
+    let listener = flow::bind_loopback()
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1 for Google's redirect: {e}"))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on 127.0.0.1 for Google's redirect: {e}"))?
+        .port();
+    let attempt = flow::Attempt::new(&acct.email, client, port);
+    let url = attempt.authorization_url()?;
+    println!(
+        "To authorize {} for Gmail, open this address in a browser, sign in as {} and allow access:\n",
+        acct.email, acct.email
+    );
+    println!("{url}\n");
+    if open {
+        match open_browser(&url) {
+            Ok(how) => println!("(Asked {how} to open it.)"),
+            Err(why) => println!("(No browser opened here: {why}.)"),
+        }
+    }
+    println!(
+        "Waiting up to {} for Google to send the browser back to {}/ ...",
+        format_age(timeout.as_secs() as i64),
+        attempt.redirect_uri
+    );
+    println!(
+        "No browser on this machine? Open the address on any device. After you allow access, that browser tries to load an {}/ page and fails; copy that page's whole address from the address bar, paste it here and press Enter.",
+        attempt.redirect_uri
+    );
+    let _ = std::io::stdout().flush();
+    let pasted = read_stdin_lines();
+    let notice = |m: &str| {
+        eprintln!("xoauth2-proxy: {m}");
+    };
+    let authorized = flow::complete(&attempt, listener, pasted, timeout, &notice)
+        .await
+        .map_err(|e| e.to_string())?;
+    accounts::save_grant(
+        store,
+        &acct.email,
+        &authorized.refresh_token,
+        authorized.refresh_token_expires_in,
+    )
+    .map_err(|e| {
+        format!(
+            "Google authorized {}, but storing the refresh token failed: {e}",
+            acct.email
+        )
+    })?;
+    let passwords = store
+        .load()
         .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-            ))
-            .ok()
+        .and_then(|(d, _)| d.account(&acct.email).map(|a| a.passwords.len()))
+        .unwrap_or(0);
+    println!();
+    println!(
+        "Authorized {}: Google issued a refresh token, checked with one refresh (access token valid for {}), stored in {}.",
+        acct.email,
+        format_age(authorized.access_token_expires_in.as_secs() as i64),
+        store.dir().display()
+    );
+    if let Some(ends) = authorized.refresh_token_expires_in {
+        println!(
+            "Google says this grant ends in {}; run login again before then.",
+            format_age(ends.as_secs() as i64)
+        );
+    }
+    print!("{}", next_steps(config, config_arg, acct, passwords));
+    Ok(())
+}
+
+/// What to do after `login`: a password, the client settings, and serve.
+fn next_steps(
+    config: &Config,
+    config_arg: &ConfigArg,
+    acct: &config::AccountConfig,
+    passwords: usize,
+) -> String {
+    let c = config_hint(config_arg, config);
+    let email = &acct.email;
+    let mut out = String::from("\nNext:\n");
+    if passwords == 0 {
+        out.push_str(&format!(
+            "  1. Make an app password for your mail client (shown once):\n       xoauth2-proxy password add {email}{c} --label laptop\n"
+        ));
+    } else {
+        out.push_str(&format!(
+            "  1. {email} already has {passwords} app password(s); they keep working. One more per client:\n       xoauth2-proxy password add {email}{c} --label NAME\n"
+        ));
+    }
+    out.push_str(&format!(
+        "  2. In the mail client:\n       username  {email}\n       password  the app password from step 1\n"
+    ));
+    if config.listeners.is_empty() {
+        out.push_str(&format!(
+            "       (no [[listener]] in {} yet: add one for imap and smtp)\n",
+            config.path.display()
+        ));
+    }
+    for l in &config.listeners {
+        let host = if l.bind.ip().is_unspecified() {
+            "this machine's name or address".to_string()
+        } else {
+            l.bind.ip().to_string()
+        };
+        let security = match l.local_tls {
+            LocalTls::None => "none (plain text; stays on this machine)",
+            LocalTls::Starttls => "STARTTLS (trust the certificate from `xoauth2-proxy cert`)",
+            LocalTls::Implicit => "SSL/TLS (trust the certificate from `xoauth2-proxy cert`)",
+        };
+        out.push_str(&format!(
+            "       {:<5} server {host}  port {}  security {security}\n",
+            l.protocol.name().to_uppercase(),
+            l.bind.port()
+        ));
+    }
+    out.push_str(&format!(
+        "  3. Run `xoauth2-proxy serve{c}` if it is not running; a running one uses the new authorization at once.\n"
+    ));
+    out
+}
+
+/// Lines typed or pasted on standard input, read on a thread of their own (reading a terminal
+/// blocks); the channel closes at end of input.
+fn read_stdin_lines() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            match line {
+                Ok(l) => {
+                    if tx.blocking_send(l).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    rx
+}
+
+/// Ask the desktop to open `url`; never waits for the browser. Returns what was asked.
+fn open_browser(url: &str) -> Result<String, String> {
+    use std::process::{Command, Stdio};
+    let mut command = match std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.trim().is_empty())
+    {
+        Some(browser) => {
+            let mut c = Command::new(browser.trim());
+            c.arg(url);
+            c
+        }
+        None if cfg!(target_os = "macos") => {
+            let mut c = Command::new("open");
+            c.arg(url);
+            c
+        }
+        None if cfg!(windows) => {
+            let mut c = Command::new("rundll32");
+            c.arg("url.dll,FileProtocolHandler").arg(url);
+            c
+        }
+        None => {
+            if std::env::var_os("DISPLAY").is_none()
+                && std::env::var_os("WAYLAND_DISPLAY").is_none()
+            {
+                return Err("no graphical session (DISPLAY and WAYLAND_DISPLAY are unset)".into());
+            }
+            let mut c = Command::new("xdg-open");
+            c.arg(url);
+            c
+        }
+    };
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    // Reap it whenever it ends, without waiting for it here.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(program)
+}
+
+fn print_accounts_table(rows: &[accounts::AccountReport]) {
+    let now = accounts::now_unix();
+    let table: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.email.clone(),
+                r.credential.words().to_string(),
+                r.access_token.clone(),
+                match r.refresh_token_obtained_at {
+                    Some(at) => format!("{} (since {})", format_age(now - at), format_time(at)),
+                    None => "-".into(),
+                },
+                r.passwords.to_string(),
+                if r.attention.is_empty() {
+                    "-".into()
+                } else {
+                    r.attention.join("; also ")
+                },
+            ]
         })
-        .unwrap_or_else(|| unix.to_string())
+        .collect();
+    let header = [
+        "EMAIL",
+        "CREDENTIAL",
+        "ACCESS TOKEN EXPIRES",
+        "REFRESH TOKEN AGE",
+        "PASSWORDS",
+        "NEEDS",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == 5 {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header);
+    for row in &table {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
+    }
 }
 
 async fn shutdown_signal() {

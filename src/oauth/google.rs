@@ -1,5 +1,6 @@
-//! Google's token endpoint over HTTP: the refresh_token grant, with every outcome classified as
-//! permanent (someone must act: re-authorize, fix the client) or temporary (retry later).
+//! Google's token endpoint over HTTP: one request function shared by every grant (refresh,
+//! authorization code, JWT bearer), with every outcome classified as a token, a refusal (someone
+//! must act: re-authorize, fix the client; each grant words it) or temporary (retry later).
 
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ pub struct Granted {
     pub access_token: Secret,
     pub expires_in: Duration,
     pub refresh_token: Option<Secret>,
+    /// Only for grants that end by themselves (time-based access, some Testing-mode apps).
+    pub refresh_token_expires_in: Option<Duration>,
     pub scope: Option<String>,
 }
 
@@ -44,6 +47,7 @@ struct TokenBody {
     access_token: Option<Secret>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<Secret>,
+    refresh_token_expires_in: Option<serde_json::Value>,
     scope: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
@@ -74,21 +78,106 @@ pub async fn refresh(
     if let Some(s) = &client.client_secret {
         form.push(("client_secret", s.expose()));
     }
-    token_request(http, &client.token_url, &form).await
+    token_request(http, &client.token_url, &form)
+        .await
+        .map_err(|e| e.into_grant_error(refresh_refusal))
 }
 
-/// POST a form to the token endpoint and classify the answer.
+/// What the refresh grant's refusals mean and what to do about them.
+fn refresh_refusal(r: &Refusal) -> GrantError {
+    let code = r.code.as_str();
+    let description = r.description_suffix();
+    match code {
+        "invalid_grant" => GrantError::Revoked(format!(
+            "Google refused the refresh token: invalid_grant{description}; it was revoked, expired (7 days for apps in Testing, 6 months unused, password change) or issued to another client"
+        )),
+        "unauthorized_client" => GrantError::Client(format!(
+            "Google says the OAuth client may not use this grant: unauthorized_client{description}; the refresh token belongs to another client_id: run `xoauth2-proxy login` again with the configured client"
+        )),
+        _ => common_refusal(r),
+    }
+}
+
+/// Refusals that mean the same whatever the grant.
+pub fn common_refusal(r: &Refusal) -> GrantError {
+    let code = r.code.as_str();
+    let description = r.description_suffix();
+    match code {
+        "invalid_client" | "deleted_client" | "disabled_client" => GrantError::Client(format!(
+            "Google refused the OAuth client: {code}{description}; check client_id and client_secret in [providers.google] against the Desktop app client in Google Cloud console (Google Auth Platform > Clients)"
+        )),
+        "admin_policy_enforced" | "org_internal" | "access_denied" => GrantError::Client(format!(
+            "Google refused access: {code}{description}; a Workspace admin must allow this app, or the app is Internal and the account is outside the organization"
+        )),
+        "invalid_scope" => GrantError::Client(format!(
+            "Google refused the scope: invalid_scope{description}; the scope must be https://mail.google.com/"
+        )),
+        "invalid_grant" => GrantError::Revoked(format!("Google refused the grant: invalid_grant{description}")),
+        other => GrantError::Client(format!(
+            "token endpoint refused the request: {other}{description}"
+        )),
+    }
+}
+
+/// A token-endpoint answer that names an OAuth error (RFC 6749 §5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: String,
+    pub description: Option<String>,
+}
+
+impl Refusal {
+    /// ` (description)` or nothing, for messages.
+    pub fn description_suffix(&self) -> String {
+        self.description
+            .as_deref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default()
+    }
+}
+
+/// Why a token request did not produce a token, before a grant gives it meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// The endpoint answered with an OAuth error code.
+    Refused(Refusal),
+    /// Network trouble, 5xx, 429, garbage: try again later (not before `retry_after`).
+    Temporary {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl RequestError {
+    /// Give a refusal its meaning for one grant; temporary failures stay temporary.
+    pub fn into_grant_error(self, meaning: impl FnOnce(&Refusal) -> GrantError) -> GrantError {
+        match self {
+            RequestError::Refused(r) => meaning(&r),
+            RequestError::Temporary {
+                detail,
+                retry_after,
+            } => GrantError::Temporary {
+                detail,
+                retry_after,
+            },
+        }
+    }
+}
+
+/// POST a form to the token endpoint and sort the answer into a token, a refusal, or a
+/// temporary failure.
 pub async fn token_request(
     http: &reqwest::Client,
     token_url: &str,
     form: &[(&str, &str)],
-) -> Result<Granted, GrantError> {
+) -> Result<Granted, RequestError> {
     let response =
         http.post(token_url)
             .form(form)
             .send()
             .await
-            .map_err(|e| GrantError::Temporary {
+            .map_err(|e| RequestError::Temporary {
                 detail: format!("token endpoint unreachable ({})", describe_reqwest(&e)),
                 retry_after: None,
             })?;
@@ -99,13 +188,16 @@ pub async fn token_request(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|s| Duration::from_secs(s.min(3600)));
-    let bytes = response.bytes().await.map_err(|e| GrantError::Temporary {
-        detail: format!(
-            "token endpoint connection failed ({})",
-            describe_reqwest(&e)
-        ),
-        retry_after: None,
-    })?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| RequestError::Temporary {
+            detail: format!(
+                "token endpoint connection failed ({})",
+                describe_reqwest(&e)
+            ),
+            retry_after: None,
+        })?;
     let body: Option<TokenBody> = serde_json::from_slice(&bytes).ok();
     classify(status.as_u16(), retry_after, body)
 }
@@ -114,8 +206,8 @@ fn classify(
     status: u16,
     retry_after: Option<Duration>,
     body: Option<TokenBody>,
-) -> Result<Granted, GrantError> {
-    let temporary = |detail: String| GrantError::Temporary {
+) -> Result<Granted, RequestError> {
+    let temporary = |detail: String| RequestError::Temporary {
         detail,
         retry_after,
     };
@@ -133,46 +225,34 @@ fn classify(
                 "token endpoint answered without an access_token".into(),
             ));
         };
-        let secs = match &body.expires_in {
-            Some(serde_json::Value::Number(n)) => n.as_u64(),
-            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        }
-        .unwrap_or(3600);
+        let secs = seconds(&body.expires_in).unwrap_or(3600);
         return Ok(Granted {
             access_token,
             expires_in: Duration::from_secs(secs),
             refresh_token: body.refresh_token.filter(|t| !t.is_empty()),
+            refresh_token_expires_in: seconds(&body.refresh_token_expires_in)
+                .map(Duration::from_secs),
             scope: body.scope,
         });
     }
-    let code = body.error.unwrap_or_default();
-    let description = body
-        .error_description
-        .map(|d| format!(" ({d})"))
-        .unwrap_or_default();
-    Err(match code.as_str() {
-        "invalid_grant" => GrantError::Revoked(format!(
-            "Google refused the refresh token: invalid_grant{description}; it was revoked, expired (7 days for apps in Testing, 6 months unused, password change) or issued to another client"
-        )),
-        "invalid_client" | "deleted_client" | "disabled_client" => GrantError::Client(format!(
-            "Google refused the OAuth client: {code}{description}; check client_id and client_secret in [providers.google] against the Desktop app client in Google Cloud console (Google Auth Platform > Clients)"
-        )),
-        "unauthorized_client" => GrantError::Client(format!(
-            "Google says the OAuth client may not use this grant: unauthorized_client{description}; the refresh token belongs to another client_id, or (service accounts) domain-wide delegation is not set up for this client ID and scope"
-        )),
-        "admin_policy_enforced" | "org_internal" | "access_denied" => GrantError::Client(format!(
-            "Google refused access: {code}{description}; a Workspace admin must allow this app, or the app is Internal and the account is outside the organization"
-        )),
-        "invalid_scope" => GrantError::Client(format!(
-            "Google refused the scope: invalid_scope{description}; the scope must be https://mail.google.com/"
-        )),
-        "" => GrantError::Temporary {
-            detail: format!("token endpoint answered HTTP {status} without an error code"),
-            retry_after,
-        },
-        other => GrantError::Client(format!("token endpoint refused the request: {other}{description}")),
-    })
+    match body.error.filter(|c| !c.is_empty()) {
+        Some(code) => Err(RequestError::Refused(Refusal {
+            status,
+            code,
+            description: body.error_description.filter(|d| !d.is_empty()),
+        })),
+        None => Err(temporary(format!(
+            "token endpoint answered HTTP {status} without an error code"
+        ))),
+    }
+}
+
+fn seconds(value: &Option<serde_json::Value>) -> Option<u64> {
+    match value {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {
@@ -200,37 +280,79 @@ mod tests {
         serde_json::from_str(json).ok()
     }
 
+    /// As the refresh grant sees an answer.
+    fn refresh_outcome(
+        status: u16,
+        retry: Option<Duration>,
+        json: Option<&str>,
+    ) -> Result<Granted, GrantError> {
+        classify(status, retry, json.and_then(body))
+            .map_err(|e| e.into_grant_error(refresh_refusal))
+    }
+
     #[test]
     fn outcomes_are_classified_permanent_or_temporary() {
-        let ok = classify(200, None, body(r#"{"access_token":"ya29.x","expires_in":3599,"scope":"https://mail.google.com/","token_type":"Bearer"}"#)).unwrap();
+        let ok = refresh_outcome(200, None, Some(r#"{"access_token":"ya29.x","expires_in":3599,"scope":"https://mail.google.com/","token_type":"Bearer"}"#)).unwrap();
         assert_eq!(ok.expires_in, Duration::from_secs(3599));
         assert!(ok.refresh_token.is_none());
+        assert!(ok.refresh_token_expires_in.is_none());
         assert!(matches!(
-            classify(400, None, body(r#"{"error":"invalid_grant","error_description":"Token has been expired or revoked."}"#)),
+            refresh_outcome(400, None, Some(r#"{"error":"invalid_grant","error_description":"Token has been expired or revoked."}"#)),
             Err(GrantError::Revoked(d)) if d.contains("Token has been expired or revoked.")
         ));
         assert!(matches!(
-            classify(401, None, body(r#"{"error":"invalid_client"}"#)),
-            Err(GrantError::Client(_))
+            refresh_outcome(401, None, Some(r#"{"error":"invalid_client"}"#)),
+            Err(GrantError::Client(d)) if d.contains("Google Auth Platform > Clients")
         ));
         assert!(matches!(
-            classify(503, None, None),
+            refresh_outcome(503, None, None),
             Err(GrantError::Temporary { .. })
         ));
         assert_eq!(
-            classify(429, Some(Duration::from_secs(7)), None),
+            refresh_outcome(429, Some(Duration::from_secs(7)), None),
             Err(GrantError::Temporary {
                 detail: "token endpoint answered HTTP 429".into(),
                 retry_after: Some(Duration::from_secs(7))
             })
         );
         assert!(matches!(
-            classify(200, None, None),
+            refresh_outcome(200, None, None),
             Err(GrantError::Temporary { .. })
         ));
         assert!(matches!(
-            classify(200, None, body("{}")),
+            refresh_outcome(200, None, Some("{}")),
             Err(GrantError::Temporary { .. })
         ));
+        assert!(matches!(
+            refresh_outcome(400, None, Some(r#"{"error":""}"#)),
+            Err(GrantError::Temporary { .. })
+        ));
+    }
+
+    #[test]
+    fn refresh_token_lifetime_is_read_when_google_sends_it() {
+        let ok = refresh_outcome(200, None, Some(r#"{"access_token":"ya29.x","expires_in":"3599","refresh_token":"1//r","refresh_token_expires_in":604799}"#)).unwrap();
+        assert_eq!(ok.expires_in, Duration::from_secs(3599));
+        assert_eq!(
+            ok.refresh_token_expires_in,
+            Some(Duration::from_secs(604799))
+        );
+        assert_eq!(ok.refresh_token.unwrap().expose(), "1//r");
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_code_and_description() {
+        assert_eq!(
+            classify(
+                400,
+                None,
+                body(r#"{"error":"redirect_uri_mismatch","error_description":"Bad Request"}"#)
+            ),
+            Err(RequestError::Refused(Refusal {
+                status: 400,
+                code: "redirect_uri_mismatch".into(),
+                description: Some("Bad Request".into())
+            }))
+        );
     }
 }

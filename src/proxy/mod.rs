@@ -137,6 +137,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let cancel = CancellationToken::new();
+    app.tokens.spawn_refresher(cancel.clone());
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(app.config.limits.max_connections));
     for l in listeners {
@@ -261,7 +262,10 @@ pub struct Conn {
 /// ends the session (the client is closed too, so nothing holds Gmail's connection slot); the
 /// client ending its side is passed on as a half-close while the server's last words still
 /// reach the client. Returns (bytes to upstream, bytes to client).
-pub async fn splice(client: stream::Stream, upstream: stream::Stream) -> std::io::Result<(u64, u64)> {
+pub async fn splice(
+    client: stream::Stream,
+    upstream: stream::Stream,
+) -> std::io::Result<(u64, u64)> {
     use tokio::io::{AsyncWriteExt, BufReader};
     let (client_read, mut client_write) = tokio::io::split(client);
     let (upstream_read, mut upstream_write) = tokio::io::split(upstream);

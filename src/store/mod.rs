@@ -1,9 +1,11 @@
 //! The secret store: one AEAD-encrypted file (`store.enc`, XChaCha20-Poly1305) in the state
-//! directory holding refresh tokens and Argon2id password hashes, with its key in `master.key`.
-//! Writers take an exclusive lock on `store.lock`, re-read, change and replace the file
-//! atomically (temp file, fsync, rename), so concurrent processes never lose an update; readers
-//! notice a replaced file by its metadata and reload.
+//! directory holding refresh tokens and Argon2id password hashes, with its key in `master.key`,
+//! a configured key file, or the OS keyring. Writers take an exclusive lock on `store.lock`,
+//! re-read, change and replace the file atomically (temp file, fsync, rename), so concurrent
+//! processes never lose an update and a writer killed midway leaves the old file; readers notice
+//! a replaced file by its metadata and reload.
 
+pub mod os_keyring;
 pub mod password;
 
 use std::collections::BTreeMap;
@@ -67,6 +69,9 @@ pub struct AccountSecrets {
     /// Unix seconds when the refresh token was obtained (its age matters: Testing-mode tokens die after 7 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token_obtained_at: Option<i64>,
+    /// Unix seconds when Google said the grant ends (`refresh_token_expires_in`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_expires_at: Option<i64>,
     #[serde(default)]
     pub passwords: Vec<PasswordEntry>,
 }
@@ -118,9 +123,9 @@ impl Store {
             (Some(path), _) => read_key_file(path)?,
             (None, StoreKind::File) => load_or_create_key_file(&dir.join(KEY_FILE))?,
             (None, StoreKind::Keyring) => {
-                return Err(StoreError::Key(
-                    "store.kind = \"keyring\" is not available in this build; use kind = \"file\" or store.key_file".into(),
-                ))
+                // Under the store lock: two processes creating the key at once must agree.
+                let _lock = lock_dir(dir)?;
+                os_keyring::load_or_create(dir)?
             }
         };
         Ok(Store {
@@ -178,20 +183,29 @@ impl Store {
         &self,
         change: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let lock_path = self.dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        lock.lock().map_err(io_err(&lock_path))?;
+        let _lock = lock_dir(&self.dir)?;
+        self.remove_stale_temp_files();
         let (mut data, _) = self.load()?;
         let out = change(&mut data)?;
         self.write(&data)?;
         // The lock is released when `lock` is dropped (also if anything above failed).
         Ok(out)
+    }
+
+    /// Temp files of writers that were killed before their rename. Only the lock holder
+    /// writes, so with the lock held every such file is stale.
+    fn remove_stale_temp_files(&self) {
+        let prefix = format!(".{STORE_FILE}.");
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) && name.ends_with(".tmp") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn write(&self, data: &StoreData) -> Result<(), StoreError> {
@@ -244,6 +258,21 @@ impl Store {
             path: path.to_path_buf(),
         })
     }
+}
+
+/// The exclusive lock on the store's folder, held until the returned file is dropped (also
+/// when the process dies: it is an flock).
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    Ok(lock)
 }
 
 /// Write `bytes` to `path` so that a reader sees either the old or the new file, never a mix:

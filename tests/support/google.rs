@@ -1,5 +1,7 @@
-//! Fake Google OAuth 2.0 endpoints: token (refresh_token and authorization_code grants),
-//! authorization (consent is simulated: it redirects straight back with a code) and revoke.
+//! Fake Google OAuth 2.0 endpoints: token (refresh_token, authorization_code and JWT bearer
+//! grants), authorization (consent is simulated: it redirects straight back with a code) and
+//! revoke. JWT bearer assertions are verified like Google does: RS256 signature with the
+//! registered service account's public key, `aud`, `iat`/`exp` (at most an hour), scope, `sub`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +52,15 @@ struct Inner {
     consent_denied: bool,
     authorization_requests: Vec<Vec<(String, String)>>,
     issued_refresh_tokens: Vec<(String, String)>,
+    /// client_email → PKCS#1 RSAPublicKey DER.
+    service_accounts: HashMap<String, Vec<u8>>,
+    delegation_granted: bool,
+    /// Claims of every accepted JWT bearer assertion.
+    jwt_claims: Vec<serde_json::Value>,
+    /// The `aud` assertions must carry: this fake's token URL.
+    audience: String,
+    /// Every refresh answers with a new refresh token and revokes the one it was given.
+    rotate_refresh_tokens: bool,
 }
 
 pub struct GoogleState {
@@ -116,6 +127,11 @@ impl FakeGoogle {
                 consent_denied: false,
                 authorization_requests: Vec::new(),
                 issued_refresh_tokens: Vec::new(),
+                service_accounts: HashMap::new(),
+                delegation_granted: true,
+                jwt_claims: Vec::new(),
+                audience: String::new(),
+                rotate_refresh_tokens: false,
             }),
             token_requests: AtomicUsize::new(0),
             refresh_grants_ok: AtomicUsize::new(0),
@@ -133,6 +149,7 @@ impl FakeGoogle {
             }
         });
         let base_url = format!("http://{addr}");
+        lock(&state.0.inner).audience = format!("{base_url}/token");
         FakeGoogle {
             token_url: format!("{base_url}/token"),
             auth_url: format!("{base_url}/o/oauth2/v2/auth"),
@@ -231,6 +248,31 @@ impl FakeGoogle {
     /// exchange, in order.
     pub fn issued_refresh_tokens(&self) -> Vec<(String, String)> {
         lock(&self.state.0.inner).issued_refresh_tokens.clone()
+    }
+
+    /// Registers a service account: JWT bearer assertions with `iss` = `client_email` are
+    /// verified with `public_key_der` (PKCS#1 RSAPublicKey, as aws-lc-rs gives it).
+    pub fn add_service_account(&self, client_email: &str, public_key_der: &[u8]) {
+        lock(&self.state.0.inner)
+            .service_accounts
+            .insert(client_email.to_string(), public_key_der.to_vec());
+    }
+
+    /// When false, valid assertions get 401 `unauthorized_client`, as when a Workspace admin
+    /// has not granted domain-wide delegation for the client ID and scope (default true).
+    pub fn set_delegation_granted(&self, granted: bool) {
+        lock(&self.state.0.inner).delegation_granted = granted;
+    }
+
+    /// When set, every successful refresh returns a new refresh token and revokes the old one
+    /// (refresh token rotation, RFC 6749 §6), so a client that does not save it loses access.
+    pub fn set_rotate_refresh_tokens(&self, on: bool) {
+        lock(&self.state.0.inner).rotate_refresh_tokens = on;
+    }
+
+    /// Claims of every accepted JWT bearer assertion, in order.
+    pub fn accepted_jwt_claims(&self) -> Vec<serde_json::Value> {
+        lock(&self.state.0.inner).jwt_claims.clone()
     }
 
     /// Whether this refresh token is known and not revoked.
@@ -357,6 +399,10 @@ fn token(state: &GoogleHandle, req: &Request) -> Response {
             Some("Missing required parameter: grant_type"),
         );
     };
+    // The JWT bearer grant authenticates with the assertion's signature, not client credentials.
+    if grant_type == JWT_BEARER {
+        return jwt_bearer_grant(state, &params);
+    }
     match client_credentials(req, &params) {
         Ok((Some(id), Some(secret))) if id == CLIENT_ID && secret == CLIENT_SECRET => {}
         _ => return invalid_client(),
@@ -383,17 +429,32 @@ fn refresh_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Resp
     };
     let expires_in = inner.expires_in;
     let access = state.mint(&mut inner, &email, Duration::from_secs(expires_in));
+    let rotated = inner.rotate_refresh_tokens.then(|| {
+        let new = format!("1//0g{}", random_urlsafe(98));
+        if let Some(old) = inner.refresh.get_mut(refresh_token) {
+            old.revoked = true;
+        }
+        inner.refresh.insert(
+            new.clone(),
+            RefreshEntry {
+                email: email.clone(),
+                revoked: false,
+            },
+        );
+        new
+    });
     drop(inner);
     state.0.refresh_grants_ok.fetch_add(1, Ordering::SeqCst);
-    Response::json(
-        200,
-        &json!({
-            "access_token": access,
-            "expires_in": expires_in,
-            "scope": SCOPE,
-            "token_type": "Bearer",
-        }),
-    )
+    let mut body = json!({
+        "access_token": access,
+        "expires_in": expires_in,
+        "scope": SCOPE,
+        "token_type": "Bearer",
+    });
+    if let Some(new) = rotated {
+        body["refresh_token"] = json!(new);
+    }
+    Response::json(200, &body)
 }
 
 fn code_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Response {
@@ -559,4 +620,109 @@ fn revoke(state: &GoogleHandle, req: &Request) -> Response {
         return Response::json(200, &json!({}));
     }
     oauth_error(400, "invalid_token", Some("Bad Request"))
+}
+
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+fn invalid_jwt(description: &str) -> Response {
+    oauth_error(400, "invalid_grant", Some(description))
+}
+
+/// RFC 7523 as Google does it for service accounts with domain-wide delegation.
+fn jwt_bearer_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Response {
+    let Some(assertion) = params.get("assertion") else {
+        return oauth_error(
+            400,
+            "invalid_request",
+            Some("Missing required parameter: assertion"),
+        );
+    };
+    let parts: Vec<&str> = assertion.split('.').collect();
+    if parts.len() != 3 {
+        return invalid_jwt("Invalid JWT: not a JWS compact serialization.");
+    }
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+    };
+    let json =
+        |part: &str| -> Option<serde_json::Value> { serde_json::from_slice(&decode(part)?).ok() };
+    let (Some(header), Some(claims), Some(signature)) =
+        (json(parts[0]), json(parts[1]), decode(parts[2]))
+    else {
+        return invalid_jwt("Invalid JWT: cannot decode.");
+    };
+    if header["alg"] != "RS256" {
+        return invalid_jwt("Invalid JWT: alg must be RS256.");
+    }
+    let mut inner = lock(&state.0.inner);
+    let Some(public_key) = claims["iss"]
+        .as_str()
+        .and_then(|iss| inner.service_accounts.get(iss))
+    else {
+        return invalid_jwt("Invalid grant: account not found");
+    };
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    if aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+        public_key,
+    )
+    .verify(signed.as_bytes(), &signature)
+    .is_err()
+    {
+        return invalid_jwt("Invalid JWT Signature.");
+    }
+    if claims["aud"].as_str() != Some(inner.audience.as_str()) {
+        return invalid_jwt(&format!(
+            "Invalid JWT: Failed audience check. The right audience is {}",
+            inner.audience
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let timeframe_ok = match (claims["iat"].as_i64(), claims["exp"].as_i64()) {
+        (Some(iat), Some(exp)) => iat <= now + 300 && exp > now && exp > iat && exp - iat <= 3600,
+        _ => false,
+    };
+    if !timeframe_ok {
+        return invalid_jwt("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.");
+    }
+    let scope_ok = claims["scope"]
+        .as_str()
+        .is_some_and(|s| s.split(' ').any(|x| x == SCOPE));
+    if !scope_ok {
+        return oauth_error(
+            400,
+            "invalid_scope",
+            Some("Invalid OAuth scope or ID token audience provided."),
+        );
+    }
+    let Some(subject) = claims["sub"]
+        .as_str()
+        .filter(|s| s.contains('@'))
+        .map(str::to_string)
+    else {
+        return invalid_jwt("Invalid email or User ID");
+    };
+    if !inner.delegation_granted {
+        return oauth_error(
+            401,
+            "unauthorized_client",
+            Some("Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested."),
+        );
+    }
+    inner.jwt_claims.push(claims.clone());
+    let expires_in = inner.expires_in;
+    let access = state.mint(&mut inner, &subject, Duration::from_secs(expires_in));
+    Response::json(
+        200,
+        &json!({
+            "access_token": access,
+            "expires_in": expires_in,
+            "token_type": "Bearer",
+        }),
+    )
 }

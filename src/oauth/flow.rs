@@ -1,0 +1,662 @@
+//! `login`: Google's installed-app flow. Authorization code + PKCE (S256) with a random `state`,
+//! redirected to a loopback listener on 127.0.0.1 (RFC 8252); a user without a browser on this
+//! machine pastes the address the browser ended at instead. Then the code exchange, the checks
+//! (refresh token present, Gmail scope granted) and one refresh to prove the grant works.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::google::{self, GrantError, Granted, Refusal};
+use crate::config::OAuthClient;
+use crate::secret::Secret;
+
+/// RFC 7636 PKCE: a random verifier and its S256 challenge.
+pub struct Pkce {
+    verifier: Secret,
+    pub challenge: String,
+}
+
+impl Pkce {
+    pub fn new() -> Pkce {
+        // 64 characters from the unreserved set (RFC 7636 §4.1 allows 43–128).
+        const UNRESERVED: &[u8] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~";
+        let mut rng = rand::rngs::OsRng;
+        let verifier: String = (0..64)
+            .map(|_| UNRESERVED[rng.gen_range(0..UNRESERVED.len())] as char)
+            .collect();
+        Pkce::from_verifier(Secret::new(verifier))
+    }
+
+    pub fn from_verifier(verifier: Secret) -> Pkce {
+        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.expose().as_bytes()));
+        Pkce {
+            verifier,
+            challenge,
+        }
+    }
+
+    pub fn verifier(&self) -> &Secret {
+        &self.verifier
+    }
+}
+
+impl Default for Pkce {
+    fn default() -> Self {
+        Pkce::new()
+    }
+}
+
+/// One authorization attempt: what the authorization URL carries and the redirect must match.
+pub struct Attempt {
+    pub email: String,
+    pub client: OAuthClient,
+    /// `http://127.0.0.1:PORT`
+    pub redirect_uri: String,
+    pub state: String,
+    pub pkce: Pkce,
+}
+
+impl Attempt {
+    pub fn new(email: &str, client: OAuthClient, port: u16) -> Attempt {
+        Attempt {
+            email: email.to_string(),
+            client,
+            redirect_uri: format!("http://127.0.0.1:{port}"),
+            state: random_token(32),
+            pkce: Pkce::new(),
+        }
+    }
+
+    /// The address the user opens: Google's consent screen for this attempt.
+    pub fn authorization_url(&self) -> Result<String, String> {
+        let mut url = url::Url::parse(&self.client.auth_url)
+            .map_err(|e| format!("auth_url {:?} is not a URL: {e}", self.client.auth_url))?;
+        url.query_pairs_mut()
+            .append_pair("client_id", &self.client.client_id)
+            .append_pair("redirect_uri", &self.redirect_uri)
+            .append_pair("response_type", "code")
+            .append_pair("scope", &self.client.scope)
+            .append_pair("code_challenge", &self.pkce.challenge)
+            .append_pair("code_challenge_method", "S256")
+            .append_pair("state", &self.state)
+            .append_pair("login_hint", &self.email)
+            .append_pair("access_type", "offline")
+            .append_pair("prompt", "consent");
+        Ok(url.into())
+    }
+
+    fn error(&self, kind: ErrorKind) -> LoginError {
+        self.judge().error(kind)
+    }
+
+    fn judge(&self) -> Judge {
+        Judge {
+            email: self.email.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// What deciding a redirect needs from an attempt (no secrets).
+#[derive(Clone)]
+struct Judge {
+    email: String,
+    state: String,
+}
+
+impl Judge {
+    fn error(&self, kind: ErrorKind) -> LoginError {
+        LoginError {
+            email: self.email.clone(),
+            kind,
+        }
+    }
+}
+
+/// A finished login: the refresh token to store and the grant that proved it works.
+#[derive(Debug)]
+pub struct Authorized {
+    pub refresh_token: Secret,
+    /// When Google said the grant ends, if it did.
+    pub refresh_token_expires_in: Option<Duration>,
+    /// The verifying refresh's access token lifetime.
+    pub access_token_expires_in: Duration,
+}
+
+#[derive(Debug)]
+pub struct LoginError {
+    pub email: String,
+    pub kind: ErrorKind,
+}
+
+#[derive(Debug)]
+pub enum ErrorKind {
+    /// Google sent the browser back with `error=...`.
+    Denied {
+        code: String,
+        description: Option<String>,
+    },
+    /// The redirect's `state` is not this attempt's.
+    StateMismatch,
+    TimedOut(Duration),
+    Listen(String),
+    /// The code exchange failed.
+    Exchange(GrantError),
+    NoRefreshToken,
+    ScopeMissing {
+        wanted: String,
+        granted: String,
+    },
+    /// The new refresh token did not work on first use.
+    Verify(GrantError),
+}
+
+const CONSOLE_CLIENT: &str = "in Google Cloud console open Google Auth Platform > Clients > Create client, choose Application type \"Desktop app\", and put its client_id and client_secret in [providers.google]";
+
+impl std::fmt::Display for LoginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let email = &self.email;
+        let again = format!("xoauth2-proxy login {email}");
+        match &self.kind {
+            ErrorKind::Denied { code, description } => {
+                let said = description
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default();
+                match code.as_str() {
+                    "access_denied" => write!(
+                        f,
+                        "Google reports access_denied{said}: the consent screen was declined, or {email} may not use this app. Run `{again}` again and choose Allow (with the Gmail box ticked). If Google said the app is blocked or not verified for this account, add {email} as a test user: Google Auth Platform > Audience > Test users > Add users"
+                    ),
+                    "admin_policy_enforced" => write!(
+                        f,
+                        "Google reports admin_policy_enforced{said}: a Workspace admin blocks this app or the Gmail scope for {email}; the admin must trust the app's client ID (Admin console > Security > Access and data control > API controls > Manage third-party app access), then run `{again}`"
+                    ),
+                    "org_internal" => write!(
+                        f,
+                        "Google reports org_internal{said}: the app is Internal to another organization; set its audience to External (Google Auth Platform > Audience) or use an account of that organization, then run `{again}`"
+                    ),
+                    "invalid_client" | "deleted_client" | "disabled_client" | "unauthorized_client" => write!(
+                        f,
+                        "Google reports {code}{said}: the OAuth client in the config is unknown, deleted or disabled; {CONSOLE_CLIENT}, then run `{again}`"
+                    ),
+                    "redirect_uri_mismatch" => write!(
+                        f,
+                        "Google reports redirect_uri_mismatch{said}: the OAuth client is not a Desktop app client, so Google does not accept the loopback address; {CONSOLE_CLIENT}, then run `{again}`"
+                    ),
+                    _ => write!(
+                        f,
+                        "Google reports {code}{said} instead of an authorization code; run `{again}` again"
+                    ),
+                }
+            }
+            ErrorKind::StateMismatch => write!(
+                f,
+                "the redirect carries a different state than this login sent: it belongs to another (older) login attempt, or it was forged. Nothing was stored; run `{again}` again and use the newest address"
+            ),
+            ErrorKind::TimedOut(d) => write!(
+                f,
+                "no answer from Google within {} s; nothing was stored. Run `{again}` again (--timeout SECS gives more time). Without a browser on this machine: open the address on any device, sign in, and paste here the address the browser ends at (it starts with http://127.0.0.1:)",
+                d.as_secs()
+            ),
+            ErrorKind::Listen(e) => write!(
+                f,
+                "cannot listen on 127.0.0.1 for Google's redirect: {e}"
+            ),
+            ErrorKind::Exchange(e) => write!(
+                f,
+                "Google did not accept the authorization code: {e}"
+            ),
+            ErrorKind::NoRefreshToken => write!(
+                f,
+                "Google issued an access token but no refresh token, so access could not be kept. This happens when the OAuth client is not a Desktop app client or Google skipped the consent screen. Use a Desktop app client ({CONSOLE_CLIENT}), remove the app's access at https://myaccount.google.com/permissions, then run `{again}`"
+            ),
+            ErrorKind::ScopeMissing { wanted, granted } => write!(
+                f,
+                "the consent did not include Gmail access ({wanted}; granted: {granted}). Run `{again}` again and tick \"Read, compose, send and permanently delete all your email from Gmail\"; if it is not offered, add {wanted} under Google Auth Platform > Data Access"
+            ),
+            ErrorKind::Verify(e) => write!(
+                f,
+                "Google issued a refresh token but refused it on first use: {e}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LoginError {}
+
+/// Listen for Google's redirect on 127.0.0.1, on a port the OS picks.
+pub async fn bind_loopback() -> std::io::Result<TcpListener> {
+    TcpListener::bind(("127.0.0.1", 0)).await
+}
+
+/// Run the attempt to its end: wait for the code from the browser (`listener`) or from a
+/// pasted line (`pasted`), at most `timeout`; exchange it; check and verify the grant.
+/// `notice` receives hints for the user about pasted lines that were not usable.
+pub async fn complete(
+    attempt: &Attempt,
+    listener: TcpListener,
+    pasted: mpsc::Receiver<String>,
+    timeout: Duration,
+    notice: &(dyn Fn(&str) + Sync),
+) -> Result<Authorized, LoginError> {
+    let code = wait_for_code(attempt, listener, pasted, timeout, notice).await?;
+    let http = google::http_client().map_err(|e| {
+        attempt.error(ErrorKind::Exchange(GrantError::Temporary {
+            detail: e,
+            retry_after: None,
+        }))
+    })?;
+    let granted = exchange(&http, attempt, &code).await?;
+    let Some(refresh_token) = granted.refresh_token.clone() else {
+        return Err(attempt.error(ErrorKind::NoRefreshToken));
+    };
+    check_scope(attempt, &granted)?;
+    let verified = google::refresh(&http, &attempt.client, &refresh_token)
+        .await
+        .map_err(|e| attempt.error(ErrorKind::Verify(e)))?;
+    check_scope(attempt, &verified)?;
+    Ok(Authorized {
+        // Should the verifying refresh rotate the token, the new one is the one that lives.
+        refresh_token: verified.refresh_token.unwrap_or(refresh_token),
+        refresh_token_expires_in: granted.refresh_token_expires_in,
+        access_token_expires_in: verified.expires_in,
+    })
+}
+
+fn check_scope(attempt: &Attempt, granted: &Granted) -> Result<(), LoginError> {
+    let wanted = &attempt.client.scope;
+    match &granted.scope {
+        Some(scope) if !scope.split_whitespace().any(|s| s == wanted) => {
+            Err(attempt.error(ErrorKind::ScopeMissing {
+                wanted: wanted.clone(),
+                granted: scope.clone(),
+            }))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The authorization_code grant with the PKCE verifier.
+async fn exchange(
+    http: &reqwest::Client,
+    attempt: &Attempt,
+    code: &Secret,
+) -> Result<Granted, LoginError> {
+    let client = &attempt.client;
+    let mut form: Vec<(&str, &str)> = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code.expose()),
+        ("redirect_uri", &attempt.redirect_uri),
+        ("client_id", &client.client_id),
+        ("code_verifier", attempt.pkce.verifier().expose()),
+    ];
+    if let Some(s) = &client.client_secret {
+        form.push(("client_secret", s.expose()));
+    }
+    google::token_request(http, &client.token_url, &form)
+        .await
+        .map_err(|e| e.into_grant_error(|r| code_refusal(r, &attempt.redirect_uri)))
+        .map_err(|e| attempt.error(ErrorKind::Exchange(e)))
+}
+
+fn code_refusal(r: &Refusal, redirect_uri: &str) -> GrantError {
+    let description = r.description_suffix();
+    match r.code.as_str() {
+        "invalid_grant" => GrantError::Revoked(format!(
+            "invalid_grant{description}: the code expired (codes live a few minutes), was already used, or the PKCE check failed; run login again and finish it within a few minutes"
+        )),
+        "redirect_uri_mismatch" => GrantError::Client(format!(
+            "redirect_uri_mismatch{description}: Google does not accept {redirect_uri} for this client, which means it is not a Desktop app client; {CONSOLE_CLIENT}"
+        )),
+        "invalid_client" | "unauthorized_client" => GrantError::Client(format!(
+            "{}{description}: client_id or client_secret is wrong, or the client was deleted; {CONSOLE_CLIENT}",
+            r.code
+        )),
+        _ => google::common_refusal(r),
+    }
+}
+
+/// What a redirect's query parameters decide, if anything.
+fn evaluate(attempt: &Judge, params: &[(String, String)]) -> Option<Result<Secret, LoginError>> {
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let code = get("code").filter(|c| !c.is_empty());
+    let error = get("error").filter(|c| !c.is_empty());
+    if code.is_none() && error.is_none() {
+        return None;
+    }
+    if get("state") != Some(attempt.state.as_str()) {
+        return Some(Err(attempt.error(ErrorKind::StateMismatch)));
+    }
+    if let Some(error) = error {
+        return Some(Err(attempt.error(ErrorKind::Denied {
+            code: error.to_string(),
+            description: get("error_description").map(str::to_string),
+        })));
+    }
+    code.map(|c| Ok(Secret::new(c)))
+}
+
+/// What a pasted line is.
+enum Pasted {
+    /// Decides the attempt (a code, or an error/state problem).
+    Decided(Result<Secret, LoginError>),
+    /// Not usable; tell the user why.
+    Unusable(String),
+}
+
+fn parse_pasted(attempt: &Attempt, line: &str) -> Pasted {
+    let text = line
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'' || c == '<' || c == '>');
+    let query = if text.contains("://") {
+        match url::Url::parse(text) {
+            Ok(url) => Some(url.query().unwrap_or("").to_string()),
+            Err(_) => {
+                return Pasted::Unusable(
+                    "that is not a complete address; copy the whole address bar".into(),
+                )
+            }
+        }
+    } else if text.starts_with('?') || text.contains("code=") || text.contains("error=") {
+        Some(text.rsplit('?').next().unwrap_or(text).to_string())
+    } else {
+        None
+    };
+    match query {
+        Some(q) => {
+            let params: Vec<(String, String)> = url::form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            match evaluate(&attempt.judge(), &params) {
+                Some(decided) => Pasted::Decided(decided),
+                None => Pasted::Unusable(
+                    "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with http://127.0.0.1:)".into(),
+                ),
+            }
+        }
+        // A bare code (some users copy just that). Its state cannot be checked, but the user
+        // typed it here themselves, and it is useless without this attempt's PKCE verifier.
+        None if !text.is_empty()
+            && text.len() <= 2048
+            && !text.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            Pasted::Decided(Ok(Secret::new(text)))
+        }
+        None => Pasted::Unusable(
+            "not an address or a code; paste the address the browser ended at".into(),
+        ),
+    }
+}
+
+async fn wait_for_code(
+    attempt: &Attempt,
+    listener: TcpListener,
+    mut pasted: mpsc::Receiver<String>,
+    timeout: Duration,
+    notice: &(dyn Fn(&str) + Sync),
+) -> Result<Secret, LoginError> {
+    let (tx, mut from_browser) = mpsc::channel::<Result<Secret, LoginError>>(4);
+    let judge = std::sync::Arc::new(attempt.judge());
+    let accepting = AbortOnDrop(tokio::spawn(async move {
+        // Each browser request gets its own task, so a stalled one does not block the next.
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let tx = tx.clone();
+            let judge = judge.clone();
+            tokio::spawn(async move {
+                if let Some(decided) = answer_browser(tcp, &judge).await {
+                    let _ = tx.send(decided).await;
+                }
+            });
+        }
+    }));
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut stdin_open = true;
+    let result = loop {
+        tokio::select! {
+            Some(decided) = from_browser.recv() => break decided,
+            line = pasted.recv(), if stdin_open => match line {
+                None => stdin_open = false,
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => match parse_pasted(attempt, &line) {
+                    Pasted::Decided(decided) => break decided,
+                    Pasted::Unusable(why) => notice(&why),
+                },
+            },
+            _ = &mut deadline => break Err(attempt.error(ErrorKind::TimedOut(timeout))),
+        }
+    };
+    drop(accepting);
+    result
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Read one request from the browser, answer it with a small page, and return what it decided.
+async fn answer_browser(mut tcp: TcpStream, attempt: &Judge) -> Option<Result<Secret, LoginError>> {
+    let mut buf = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 2048];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    if !matches!(read, Ok(true)) {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let params: Vec<(String, String)> = match url::Url::parse(&format!("http://127.0.0.1{target}"))
+    {
+        Ok(url) if method == "GET" && target.starts_with('/') => url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let decided = evaluate(attempt, &params);
+    let (status, title, text) = match &decided {
+        None => (
+            "404 Not Found",
+            "xoauth2-proxy",
+            "This address is xoauth2-proxy's login listener; it waits for Google to send the browser back here.".to_string(),
+        ),
+        Some(Ok(_)) => (
+            "200 OK",
+            "Authorization received",
+            format!(
+                "xoauth2-proxy received the authorization for {}. You can close this tab; the terminal shows how it ends.",
+                attempt.email
+            ),
+        ),
+        Some(Err(e)) => ("400 Bad Request", "Authorization failed", e.to_string()),
+    };
+    let body = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body><h1>{title}</h1><p>{}</p></body></html>",
+        html_escape(&text)
+    );
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tcp.write_all(response.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+    decided
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt() -> Attempt {
+        Attempt::new(
+            "alice@gmail.com",
+            OAuthClient {
+                client_id: "id.apps.googleusercontent.com".into(),
+                client_secret: Some("s".into()),
+                auth_url: "https://accounts.google.com/o/oauth2/v2/auth".into(),
+                token_url: "https://oauth2.googleapis.com/token".into(),
+                scope: "https://mail.google.com/".into(),
+            },
+            53682,
+        )
+    }
+
+    #[test]
+    fn pkce_challenge_matches_the_rfc_7636_vector() {
+        let p = Pkce::from_verifier("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into());
+        assert_eq!(p.challenge, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
+        let fresh = Pkce::new();
+        assert_eq!(fresh.verifier().expose().len(), 64);
+        assert_ne!(fresh.verifier().expose(), Pkce::new().verifier().expose());
+    }
+
+    #[test]
+    fn authorization_url_asks_for_offline_consent_with_pkce_and_state() {
+        let a = attempt();
+        let url = url::Url::parse(&a.authorization_url().unwrap()).unwrap();
+        assert_eq!(url.host_str(), Some("accounts.google.com"));
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["client_id"], "id.apps.googleusercontent.com");
+        assert_eq!(q["redirect_uri"], "http://127.0.0.1:53682");
+        assert_eq!(q["response_type"], "code");
+        assert_eq!(q["scope"], "https://mail.google.com/");
+        assert_eq!(q["code_challenge"], a.pkce.challenge);
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert_eq!(q["state"], a.state);
+        assert_eq!(q["login_hint"], "alice@gmail.com");
+        assert_eq!(q["access_type"], "offline");
+        assert_eq!(q["prompt"], "consent");
+        assert!(!q.contains_key("client_secret"));
+        assert!(!url.as_str().contains(a.pkce.verifier().expose()));
+    }
+
+    #[test]
+    fn pasted_redirect_address_or_bare_code_is_accepted() {
+        let a = attempt();
+        let line = format!(
+            "http://127.0.0.1:53682/?state={}&code=4/0AQSTgQ&scope=https://mail.google.com/",
+            a.state
+        );
+        match parse_pasted(&a, &line) {
+            Pasted::Decided(Ok(code)) => assert_eq!(code.expose(), "4/0AQSTgQ"),
+            _ => panic!("not accepted"),
+        }
+        match parse_pasted(&a, "  4/0AQSTgQ-bare  ") {
+            Pasted::Decided(Ok(code)) => assert_eq!(code.expose(), "4/0AQSTgQ-bare"),
+            _ => panic!("bare code not accepted"),
+        }
+        match parse_pasted(&a, &format!("?code=abc&state={}", a.state)) {
+            Pasted::Decided(Ok(code)) => assert_eq!(code.expose(), "abc"),
+            _ => panic!("query not accepted"),
+        }
+    }
+
+    #[test]
+    fn pasted_address_with_another_state_or_an_error_is_refused_in_words() {
+        let a = attempt();
+        match parse_pasted(&a, "http://127.0.0.1:53682/?state=old&code=4/0A") {
+            Pasted::Decided(Err(e)) => {
+                assert!(matches!(e.kind, ErrorKind::StateMismatch));
+                assert!(e.to_string().contains("another (older) login attempt"));
+            }
+            _ => panic!("wrong state accepted"),
+        }
+        let denied = format!(
+            "http://127.0.0.1:53682/?state={}&error=access_denied",
+            a.state
+        );
+        match parse_pasted(&a, &denied) {
+            Pasted::Decided(Err(e)) => {
+                let text = e.to_string();
+                assert!(text.contains("access_denied"), "{text}");
+                assert!(text.contains("Test users"), "{text}");
+            }
+            _ => panic!("error not reported"),
+        }
+        assert!(matches!(
+            parse_pasted(&a, "http://127.0.0.1:53682/favicon.ico"),
+            Pasted::Unusable(_)
+        ));
+        assert!(matches!(parse_pasted(&a, "two words"), Pasted::Unusable(_)));
+    }
+
+    #[test]
+    fn every_explained_error_names_its_fix() {
+        let a = attempt();
+        for (code, fix) in [
+            ("redirect_uri_mismatch", "Desktop app"),
+            ("invalid_client", "Google Auth Platform > Clients"),
+            ("admin_policy_enforced", "Admin console"),
+            ("org_internal", "Audience"),
+        ] {
+            let text = a
+                .error(ErrorKind::Denied {
+                    code: code.into(),
+                    description: None,
+                })
+                .to_string();
+            assert!(text.contains(fix), "{code}: {text}");
+        }
+        let text = a.error(ErrorKind::NoRefreshToken).to_string();
+        assert!(text.contains("myaccount.google.com/permissions"), "{text}");
+        let text = code_refusal(
+            &Refusal {
+                status: 400,
+                code: "redirect_uri_mismatch".into(),
+                description: None,
+            },
+            "http://127.0.0.1:1",
+        )
+        .to_string();
+        assert!(text.contains("Desktop app"), "{text}");
+    }
+}

@@ -1,0 +1,246 @@
+//! `login` end to end, without a real browser: the real binary prints the authorization
+//! address, the test plays the browser against the fake Google (whose consent page redirects
+//! straight back with a code) or pastes the redirect address on standard input, as a user on a
+//! headless server would.
+
+mod cmd;
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cmd::{ConfigDir, Running};
+use support::FakeGoogle;
+
+const ALICE: &str = "alice@gmail.com";
+const WAIT: Duration = Duration::from_secs(30);
+
+const REST: &str = "[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1143\"\n\n[[listener]]\nprotocol = \"smtp\"\nbind = \"127.0.0.1:1587\"\n\n[[account]]\nemail = \"alice@gmail.com\"\n";
+
+fn start_login(cfg: &ConfigDir, extra: &[&str], envs: &[(&str, &str)]) -> Running {
+    let mut args = vec!["login", ALICE];
+    args.extend_from_slice(extra);
+    Running::start(&cfg.args(&args), envs)
+}
+
+/// The authorization address the command printed.
+async fn printed_url(google: &FakeGoogle, login: &mut Running) -> String {
+    login.line_starting_with(&google.auth_url, WAIT).await
+}
+
+/// Where the fake consent page sends the browser.
+async fn redirect_target(url: &str) -> String {
+    let response = cmd::browser(false).get(url).send().await.unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        302,
+        "{:?}",
+        response.text().await
+    );
+    response
+        .headers()
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn query(url: &str) -> HashMap<String, String> {
+    url::Url::parse(url)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_login_stores_a_verified_refresh_token_and_says_what_to_do_next() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::new(&google, REST);
+    let mut login = start_login(&cfg, &["--no-browser"], &[]);
+    let url = printed_url(&google, &mut login).await;
+    // The browser: Google's page redirects to the loopback listener, which answers.
+    let page = cmd::open(&url).await;
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("Authorization received"));
+    let out = login.finish(WAIT).await;
+    assert!(out.ok(), "{out:?}");
+
+    let issued = google.issued_refresh_tokens();
+    assert_eq!(issued.len(), 1);
+    assert_eq!(
+        cfg.refresh_token(ALICE).as_deref(),
+        Some(issued[0].1.as_str())
+    );
+    assert_eq!(
+        google.successful_refreshes(),
+        1,
+        "verified with one refresh"
+    );
+    // What Google was asked for.
+    let asked = &google.authorization_requests()[0];
+    assert_eq!(asked["code_challenge_method"], "S256");
+    assert_eq!(asked["code_challenge"].len(), 43);
+    assert_eq!(asked["access_type"], "offline");
+    assert_eq!(asked["prompt"], "consent");
+    assert_eq!(asked["login_hint"], ALICE);
+    assert_eq!(asked["scope"], "https://mail.google.com/");
+    assert!(asked["state"].len() >= 32);
+    assert!(asked["redirect_uri"].starts_with("http://127.0.0.1:"));
+    // What to do next, with this config.
+    let c = format!("-c {}", cfg.path.display());
+    assert!(
+        out.stdout
+            .contains(&format!("xoauth2-proxy password add {ALICE} {c}")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("username  alice@gmail.com"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("IMAP  server 127.0.0.1  port 1143"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("SMTP  server 127.0.0.1  port 1587"),
+        "{}",
+        out.stdout
+    );
+    // Nothing secret on the terminal.
+    assert!(!out.stdout.contains(&issued[0].1) && !out.stderr.contains(&issued[0].1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headless_login_accepts_the_pasted_redirect_address_and_survives_a_missing_browser() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::new(&google, REST);
+    // No --no-browser: opening one fails, which must not matter.
+    let mut login = start_login(&cfg, &[], &[("BROWSER", "/nonexistent/browser")]);
+    let url = printed_url(&google, &mut login).await;
+    // The user opened the address on another device; its browser could not load 127.0.0.1.
+    let target = redirect_target(&url).await;
+    login.paste("not-a-url with spaces");
+    login.paste(&target);
+    let out = login.finish(WAIT).await;
+    assert!(out.ok(), "{out:?}");
+    assert!(
+        out.stdout.contains("No browser opened here"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("not an address or a code"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        cfg.refresh_token(ALICE).as_deref(),
+        Some(google.issued_refresh_tokens()[0].1.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headless_login_accepts_just_the_code() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::new(&google, REST);
+    let mut login = start_login(&cfg, &["--no-browser"], &[]);
+    let url = printed_url(&google, &mut login).await;
+    let code = query(&redirect_target(&url).await)["code"].clone();
+    login.paste(&code);
+    let out = login.finish(WAIT).await;
+    assert!(out.ok(), "{out:?}");
+    assert!(cfg.refresh_token(ALICE).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_carrying_another_state_is_refused_and_nothing_is_stored() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::new(&google, REST);
+    let mut login = start_login(&cfg, &["--no-browser"], &[]);
+    let url = printed_url(&google, &mut login).await;
+    let target = redirect_target(&url).await;
+    let state = query(&target)["state"].clone();
+    let forged = target.replace(&format!("state={state}"), "state=someone-elses");
+    assert_ne!(forged, target);
+    let page = cmd::open(&forged).await;
+    assert_eq!(page.status().as_u16(), 400);
+    let out = login.finish(WAIT).await;
+    assert!(!out.ok());
+    assert!(out.stderr.contains("different state"), "{}", out.stderr);
+    assert_eq!(cfg.refresh_token(ALICE), None);
+    assert_eq!(google.token_requests(), 0, "the code was never exchanged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declined_consent_is_explained_with_the_fix() {
+    let google = FakeGoogle::start().await;
+    google.set_consent_denied(true);
+    let cfg = ConfigDir::new(&google, REST);
+    let mut login = start_login(&cfg, &["--no-browser"], &[]);
+    let url = printed_url(&google, &mut login).await;
+    let page = cmd::open(&url).await;
+    assert_eq!(page.status().as_u16(), 400);
+    assert!(page.text().await.unwrap().contains("access_denied"));
+    let out = login.finish(WAIT).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("access_denied"), "{}", out.stderr);
+    assert!(out.stderr.contains("Test users"), "{}", out.stderr);
+    assert_eq!(cfg.refresh_token(ALICE), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_gives_up_after_its_time_limit_with_a_clear_message() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::new(&google, REST);
+    let started = std::time::Instant::now();
+    let login = start_login(&cfg, &["--no-browser", "--timeout", "1"], &[]);
+    let out = login.finish(WAIT).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        out.stderr.contains("no answer from Google within 1 s"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("paste here"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_client_secret_is_explained_with_the_console_step() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::with_secret(&google, "GOCSPX-wrong", REST);
+    let mut login = start_login(&cfg, &["--no-browser"], &[]);
+    let url = printed_url(&google, &mut login).await;
+    cmd::open(&url).await;
+    let out = login.finish(WAIT).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("invalid_client"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Google Auth Platform > Clients"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("GOCSPX-wrong"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_without_an_oauth_client_says_how_to_make_one() {
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::from_text(&format!(
+        "state_dir = \"state\"\n[providers.google]\ntoken_url = \"{}\"\n{REST}",
+        google.token_url
+    ));
+    let out = cmd::run(cfg.args(&["login", ALICE, "--no-browser"]), None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("Desktop app"), "{}", out.stderr);
+    assert!(out.stderr.contains("Test users"), "{}", out.stderr);
+}
