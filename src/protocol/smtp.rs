@@ -403,7 +403,7 @@ pub fn take_reply(buf: &mut Vec<u8>) -> Result<Option<Reply>, String> {
     let mut pos = 0;
     let mut lines = Vec::new();
     loop {
-        let Some(end) = find_line_end(buf, pos) else {
+        let Some(end) = find_line_end(buf, pos).filter(|&end| end <= UP_MAX_REPLY) else {
             if buf.len() > UP_MAX_REPLY {
                 return Err("server sent an over-long reply".into());
             }
@@ -537,7 +537,10 @@ impl UpstreamMachine for UpstreamHello {
                         HelloState::StartTls => "STARTTLS",
                         _ => "EHLO",
                     };
-                    self.fail(format!("{what} refused: {}", reply.summary()));
+                    self.fail(format!(
+                        "{what} refused: {}",
+                        super::imap::printable(reply.summary().as_bytes())
+                    ));
                 }
             }
         }
