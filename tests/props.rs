@@ -870,9 +870,7 @@ proptest! {
         s in select(server_adversarial(b"220 ready\r\n", b"250 ", b"250-SIZE 1\r\n")),
         shape: u8, choices: u8, opts: u8,
     ) {
-        // Reads of at least 100 octets: `take_reply` re-reads a multi-line reply from its
-        // start on every call, so a 64 KiB reply fed an octet at a time takes minutes.
-        smtp_up(&s, shape | 6, choices, opts | 4);
+        smtp_up(&s, shape, choices, opts | 4);
     }
 
     #[test]
@@ -1238,6 +1236,9 @@ fn ends_in_literal_announcement(cmd: &[u8]) -> bool {
         let Some(open) = inner.iter().rposition(|&b| b == b'{') else {
             return false;
         };
+        if open == 0 || inner[open - 1] != b' ' {
+            return false;
+        }
         let spec = &inner[open + 1..];
         let digits = spec.strip_suffix(b"+").unwrap_or(spec);
         !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
@@ -1283,14 +1284,13 @@ fn a_bare_lf_ends_a_line() {
 }
 
 #[test]
-fn a_line_ending_in_a_count_is_a_literal_even_where_none_may_be() {
-    // `{` cannot be part of an atom, so imap-codec fails the line at once; the proxy's line
-    // reader takes the count first and refuses the command once the octets are in.
+fn a_count_glued_to_a_word_is_not_a_literal() {
+    // `{` cannot be part of an atom: like imap-codec, the proxy refuses the line at once
+    // instead of waiting for (and swallowing) octets of the client's next command.
     let cmd = b"a LOGIN alice pw{3}\r\n";
     assert!(codec_fails(cmd));
     let (actions, continuations) = imap_answers(cmd, 7);
-    assert_eq!((actions.len(), continuations), (0, 1));
-    let (actions, _) = imap_answers(b"a LOGIN alice pw{3}\r\nxyz\r\n", 7);
+    assert_eq!(continuations, 0);
     assert_eq!(
         actions[0],
         ClientAction::Send(

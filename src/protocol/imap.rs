@@ -324,6 +324,7 @@ impl ClientSession {
                 self.send(format!("* BYE {PROXY_NAME} logging out\r\n{tag} OK LOGOUT completed\r\n"));
                 self.out.push_back(Action::Close);
                 self.state = State::Closed;
+                self.input.clear();
             }
             Command::Id => self.send(format!(
                 "* ID (\"name\" \"{PROXY_NAME}\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
@@ -450,6 +451,11 @@ fn sasl_response(line: &[u8]) -> SaslLine {
 fn literal_announcement(line: &[u8]) -> Option<(u64, bool)> {
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
+    // A literal is a whole argument: `pw{3}` is an atom-ish word with braces, not a literal,
+    // and must not make us wait for (and swallow) octets of the next command.
+    if open == 0 || inner[open - 1] != b' ' {
+        return None;
+    }
     let spec = &inner[open + 1..];
     let (digits, sync) = match spec.strip_suffix(b"+") {
         Some(d) => (d, false),

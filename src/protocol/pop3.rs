@@ -342,6 +342,8 @@ impl std::fmt::Debug for UpstreamPop {
 }
 
 const UP_MAX_LINE: usize = 64 * 1024;
+const MAX_CAPA_LINES: usize = 64;
+const MAX_CAPA_LINE: usize = 256;
 
 impl UpstreamPop {
     /// `fresh`: a new connection whose greeting is still to be read (and STLS done if
@@ -412,7 +414,8 @@ impl UpstreamPop {
                     self.done(UpOutcome::Success { relay, leftover });
                 } else {
                     let t = text.strip_prefix(b".").unwrap_or(text);
-                    if self.capa.len() < 256 {
+                    // Real capability lines are short; keep a sane list whatever is sent.
+                    if self.capa.len() < MAX_CAPA_LINES && t.len() <= MAX_CAPA_LINE {
                         self.capa.push(String::from_utf8_lossy(t).into_owned());
                     }
                     self.state = UpState::CapaLines;

@@ -398,40 +398,77 @@ impl Reply {
 
 const UP_MAX_REPLY: usize = 64 * 1024;
 
-/// Take one complete (possibly multi-line) reply from `buf`. Err: garbage or too large.
-pub fn take_reply(buf: &mut Vec<u8>) -> Result<Option<Reply>, String> {
-    let mut pos = 0;
-    let mut lines = Vec::new();
-    loop {
-        let Some(end) = find_line_end(buf, pos).filter(|&end| end <= UP_MAX_REPLY) else {
-            if buf.len() > UP_MAX_REPLY {
-                return Err("server sent an over-long reply".into());
+/// Server bytes read as SMTP replies. Remembers how far a multi-line reply was parsed, so a
+/// reply that trickles in is read once, not again from its start on every read.
+#[derive(Default)]
+pub struct ReplyReader {
+    buf: Vec<u8>,
+    /// End of the lines already parsed into `lines`.
+    pos: usize,
+    lines: Vec<String>,
+}
+
+impl ReplyReader {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Forget everything (after a STARTTLS, plaintext leftovers must not be used).
+    pub fn clear(&mut self) {
+        *self = ReplyReader::default();
+    }
+
+    /// What is left after the last complete reply.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.pos);
+        self.clear();
+        rest
+    }
+
+    /// The next complete (possibly multi-line) reply. Err: garbage or too large.
+    pub fn take(&mut self) -> Result<Option<Reply>, String> {
+        loop {
+            let Some(end) = find_line_end(&self.buf, self.pos).filter(|&end| end <= UP_MAX_REPLY)
+            else {
+                if self.buf.len() > UP_MAX_REPLY {
+                    return Err("server sent an over-long reply".into());
+                }
+                return Ok(None);
+            };
+            let line = trim_eol(&self.buf[self.pos..end]);
+            if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+                return Err(format!(
+                    "unexpected reply: {}",
+                    super::imap::printable(line)
+                ));
             }
-            return Ok(None);
-        };
-        let line = trim_eol(&buf[pos..end]);
-        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            return Err(format!(
-                "unexpected reply: {}",
-                super::imap::printable(line)
-            ));
-        }
-        let code: u16 = std::str::from_utf8(&line[..3])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let more = line.get(3) == Some(&b'-');
-        let text = line.get(4..).unwrap_or(b"");
-        lines.push(String::from_utf8_lossy(text).into_owned());
-        pos = end;
-        if !more {
-            let raw: Vec<u8> = buf.drain(..pos).collect();
-            return Ok(Some(Reply { code, lines, raw }));
-        }
-        if pos > UP_MAX_REPLY {
-            return Err("server sent an over-long reply".into());
+            let code: u16 = std::str::from_utf8(&line[..3])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let more = line.get(3) == Some(&b'-');
+            let text = line.get(4..).unwrap_or(b"");
+            self.lines.push(String::from_utf8_lossy(text).into_owned());
+            self.pos = end;
+            if !more {
+                let raw: Vec<u8> = self.buf.drain(..self.pos).collect();
+                self.pos = 0;
+                let lines = std::mem::take(&mut self.lines);
+                return Ok(Some(Reply { code, lines, raw }));
+            }
         }
     }
+}
+
+/// Take one complete reply from the start of `buf` (stateless form of [`ReplyReader::take`]).
+pub fn take_reply(buf: &mut Vec<u8>) -> Result<Option<Reply>, String> {
+    let mut reader = ReplyReader {
+        buf: std::mem::take(buf),
+        ..ReplyReader::default()
+    };
+    let result = reader.take();
+    *buf = reader.buf;
+    result
 }
 
 #[derive(Debug)]
@@ -450,7 +487,7 @@ pub struct UpstreamHello {
     domain: String,
     starttls: bool,
     state: HelloState,
-    buf: Vec<u8>,
+    buf: ReplyReader,
     out: VecDeque<UpAction>,
 }
 
@@ -461,7 +498,7 @@ impl UpstreamHello {
             domain: domain.to_string(),
             starttls,
             state: HelloState::Banner,
-            buf: Vec::new(),
+            buf: ReplyReader::default(),
             out: VecDeque::new(),
         };
         if !connected_fresh {
@@ -493,7 +530,7 @@ impl UpstreamHello {
 
 impl UpstreamMachine for UpstreamHello {
     fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.buf.push(bytes);
     }
 
     fn next_action(&mut self) -> Option<UpAction> {
@@ -504,7 +541,7 @@ impl UpstreamMachine for UpstreamHello {
             if matches!(self.state, HelloState::Done | HelloState::TlsPending) {
                 return None;
             }
-            let reply = match take_reply(&mut self.buf) {
+            let reply = match self.buf.take() {
                 Ok(Some(r)) => r,
                 Ok(None) => return None,
                 Err(e) => {
@@ -527,7 +564,7 @@ impl UpstreamMachine for UpstreamHello {
                 HelloState::FirstEhlo | HelloState::Ehlo if reply.code == 250 => {
                     self.out.push_back(UpAction::Done(UpOutcome::Success {
                         relay: reply.lines.join("\n").into_bytes(),
-                        leftover: std::mem::take(&mut self.buf),
+                        leftover: self.buf.take_rest(),
                     }));
                     self.state = HelloState::Done;
                 }
@@ -566,7 +603,7 @@ enum AuthState {
 pub struct UpstreamAuth {
     xoauth2: Secret,
     state: AuthState,
-    buf: Vec<u8>,
+    buf: ReplyReader,
     out: VecDeque<UpAction>,
 }
 
@@ -583,7 +620,7 @@ impl UpstreamAuth {
         let mut a = UpstreamAuth {
             xoauth2,
             state: AuthState::Prompt,
-            buf: Vec::new(),
+            buf: ReplyReader::default(),
             out: VecDeque::new(),
         };
         a.start();
@@ -605,7 +642,7 @@ impl UpstreamAuth {
 
 impl UpstreamMachine for UpstreamAuth {
     fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.buf.push(bytes);
     }
 
     fn next_action(&mut self) -> Option<UpAction> {
@@ -616,7 +653,7 @@ impl UpstreamMachine for UpstreamAuth {
             if matches!(self.state, AuthState::Done) {
                 return None;
             }
-            let reply = match take_reply(&mut self.buf) {
+            let reply = match self.buf.take() {
                 Ok(Some(r)) => r,
                 Ok(None) => return None,
                 Err(e) => {
@@ -644,7 +681,7 @@ impl UpstreamMachine for UpstreamAuth {
                     self.state = AuthState::AfterChallenge(challenge);
                 }
                 AuthState::Result if reply.code == 235 => {
-                    let leftover = std::mem::take(&mut self.buf);
+                    let leftover = self.buf.take_rest();
                     self.done(UpOutcome::Success {
                         relay: reply.raw,
                         leftover,
