@@ -15,7 +15,7 @@ use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
 use super::sasl::{self, ErrorChallenge, SaslError};
-use super::{trim_eol, Credentials, Input, LineTooLong, UpAction, UpOutcome};
+use super::{trim_eol, Core, Credentials, Input, LineTooLong, SessionMachine, UpAction, UpOutcome};
 use crate::secret::{Secret, SensitiveBytes};
 
 pub use super::ClientAction as Action;
@@ -59,17 +59,15 @@ enum State {
     SaslLoginPassword { tag: String, username: String },
     Authenticating,
     TlsPending,
-    Closed,
 }
 
 pub struct ClientSession {
     opts: SessionOptions,
     state: State,
-    input: Input,
+    core: Core,
     /// The command assembled so far (lines and literals).
     command: Vec<u8>,
     literal_left: Option<usize>,
-    out: VecDeque<Action>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -77,7 +75,7 @@ impl std::fmt::Debug for ClientSession {
         // Buffers may hold passwords: show only the state and sizes.
         f.debug_struct("ClientSession")
             .field("state", &self.state_name())
-            .field("buffered", &self.input.len())
+            .field("buffered", &self.core.input.len())
             .finish()
     }
 }
@@ -91,14 +89,16 @@ impl ClientSession {
         ClientSession {
             opts,
             state: State::Command,
-            input: Input::default(),
+            core: Core::default(),
             command: Vec::new(),
             literal_left: None,
-            out: VecDeque::new(),
         }
     }
 
     fn state_name(&self) -> &'static str {
+        if self.core.closed {
+            return "closed";
+        }
         match self.state {
             State::Command => "command",
             State::SaslPlain { .. } => "sasl-plain",
@@ -106,7 +106,6 @@ impl ClientSession {
             State::SaslLoginPassword { .. } => "sasl-login-password",
             State::Authenticating => "authenticating",
             State::TlsPending => "tls-pending",
-            State::Closed => "closed",
         }
     }
 
@@ -129,38 +128,24 @@ impl ClientSession {
 
     /// Bytes received from the client.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::Closed) {
-            self.input.push(bytes);
-        }
+        self.core.feed(bytes);
     }
 
     /// The next thing to do, or None when more input (or a driver callback) is needed.
     pub fn next_action(&mut self) -> Option<Action> {
-        loop {
-            if let Some(a) = self.out.pop_front() {
-                return Some(a);
-            }
-            match self.state {
-                State::Authenticating | State::TlsPending | State::Closed => return None,
-                _ => {
-                    if !self.step() && self.out.is_empty() {
-                        return None;
-                    }
-                }
-            }
-        }
+        Core::next_action(self)
     }
 
     /// Upstream login failed; `reply` is the complete tagged response for the client.
     pub fn login_rejected(&mut self, reply: Vec<u8>) {
-        self.out.push_back(Action::Send(reply));
+        self.core.send(reply);
         self.state = State::Command;
     }
 
     /// Upstream login succeeded: the session ends here. Returns what the client sent after its
     /// login command (pipelined commands), to forward upstream unchanged.
     pub fn into_pending_input(self) -> Vec<u8> {
-        self.input.into_inner()
+        self.core.input.into_inner()
     }
 
     /// TLS is up on the client connection. Anything the client sent in plaintext after
@@ -168,97 +153,82 @@ impl ClientSession {
     pub fn tls_established(&mut self) {
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
-        self.input.clear();
+        self.core.input.clear();
         self.state = State::Command;
     }
 
     fn close_with(&mut self, line: &str) {
-        self.out
-            .push_back(Action::Send(format!("{line}\r\n").into_bytes()));
-        self.out.push_back(Action::Close);
-        self.state = State::Closed;
-        self.input.clear();
+        self.core.close_with(line);
     }
 
     fn send(&mut self, text: String) {
-        self.out.push_back(Action::Send(text.into_bytes()));
+        self.core.send(text);
     }
 
-    /// Take one complete line from the buffer, enforcing the line limit. None: need more input
-    /// (or the connection is being closed).
     fn take_line(&mut self) -> Option<Vec<u8>> {
-        match self.input.line(self.opts.limits.max_line) {
-            Ok(line) => line,
-            Err(LineTooLong) => {
-                self.close_with("* BYE [TOOBIG] Line too long");
-                None
-            }
-        }
+        self.core
+            .line(self.opts.limits.max_line, "* BYE [TOOBIG] Line too long")
+    }
+}
+
+impl SessionMachine for ClientSession {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn waiting(&self) -> bool {
+        matches!(self.state, State::Authenticating | State::TlsPending)
     }
 
     /// Advance by one unit of input. Returns false when nothing more can be done now.
     fn step(&mut self) -> bool {
-        match std::mem::replace(&mut self.state, State::Command) {
-            State::Command => self.step_command(),
-            State::SaslPlain { tag } => {
-                let Some(line) = self.take_line() else {
-                    if !matches!(self.state, State::Closed) {
-                        self.state = State::SaslPlain { tag };
-                    }
-                    return false;
-                };
-                match sasl_response(&line) {
-                    SaslLine::Cancel => self.send(format!("{tag} BAD AUTHENTICATE cancelled\r\n")),
-                    SaslLine::Data(Err(e)) => self.sasl_error(&tag, e),
-                    SaslLine::Data(Ok(bytes)) => self.plain(tag, &bytes),
-                }
-                true
-            }
-            State::SaslLoginUser { tag } => {
-                let Some(line) = self.take_line() else {
-                    if !matches!(self.state, State::Closed) {
-                        self.state = State::SaslLoginUser { tag };
-                    }
-                    return false;
-                };
-                match sasl_response(&line) {
-                    SaslLine::Cancel => self.send(format!("{tag} BAD AUTHENTICATE cancelled\r\n")),
-                    SaslLine::Data(Err(e)) => self.sasl_error(&tag, e),
-                    SaslLine::Data(Ok(user)) => self.login_username(tag, &user),
-                }
-                true
-            }
-            State::SaslLoginPassword { tag, username } => {
-                let Some(line) = self.take_line() else {
-                    if !matches!(self.state, State::Closed) {
-                        self.state = State::SaslLoginPassword { tag, username };
-                    }
-                    return false;
-                };
-                match sasl_response(&line) {
-                    SaslLine::Cancel => self.send(format!("{tag} BAD AUTHENTICATE cancelled\r\n")),
-                    SaslLine::Data(Err(e)) => self.sasl_error(&tag, e),
-                    SaslLine::Data(Ok(pw)) if pw.is_empty() => {
-                        self.sasl_error(&tag, SaslError::Empty)
-                    }
-                    SaslLine::Data(Ok(pw)) => self.login(
-                        tag,
-                        username,
-                        Secret::new(String::from_utf8_lossy(&pw).into_owned()),
-                    ),
-                }
-                true
-            }
-            other => {
-                self.state = other;
-                false
-            }
+        if matches!(self.state, State::Command) {
+            return self.step_command();
         }
+        // In a SASL exchange the next line is a response, not a command.
+        let Some(line) = self.take_line() else {
+            return false;
+        };
+        let response = sasl_response(&line);
+        let tag = match &self.state {
+            State::SaslPlain { tag }
+            | State::SaslLoginUser { tag }
+            | State::SaslLoginPassword { tag, .. } => tag.clone(),
+            _ => return false,
+        };
+        let state = std::mem::replace(&mut self.state, State::Command);
+        let bytes = match response {
+            SaslLine::Cancel => {
+                self.send(format!("{tag} BAD AUTHENTICATE cancelled\r\n"));
+                return true;
+            }
+            SaslLine::Data(Err(e)) => {
+                self.sasl_error(&tag, e);
+                return true;
+            }
+            SaslLine::Data(Ok(bytes)) => bytes,
+        };
+        match state {
+            State::SaslPlain { .. } => self.plain(tag, &bytes),
+            State::SaslLoginUser { .. } => self.login_username(tag, &bytes),
+            State::SaslLoginPassword { username, .. } => {
+                if bytes.is_empty() {
+                    self.sasl_error(&tag, SaslError::Empty)
+                } else {
+                    let password = Secret::new(String::from_utf8_lossy(&bytes).into_owned());
+                    self.login(tag, username, password)
+                }
+            }
+            _ => {}
+        }
+        true
     }
+}
 
+impl ClientSession {
     fn step_command(&mut self) -> bool {
         if let Some(n) = self.literal_left {
-            let Some(octets) = self.input.take(n) else {
+            let Some(octets) = self.core.input.take(n) else {
                 return false;
             };
             self.command.extend_from_slice(&octets);
@@ -322,9 +292,9 @@ impl ClientSession {
             Command::Noop => self.send(format!("{tag} OK NOOP completed\r\n")),
             Command::Logout => {
                 self.send(format!("* BYE {PROXY_NAME} logging out\r\n{tag} OK LOGOUT completed\r\n"));
-                self.out.push_back(Action::Close);
-                self.state = State::Closed;
-                self.input.clear();
+                self.core.out.push_back(Action::Close);
+                self.core.closed = true;
+                self.core.input.clear();
             }
             Command::Id => self.send(format!(
                 "* ID (\"name\" \"{PROXY_NAME}\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
@@ -333,8 +303,8 @@ impl ClientSession {
             Command::StartTls => {
                 if self.opts.starttls_offered {
                     self.send(format!("{tag} OK Begin TLS negotiation now\r\n"));
-                    self.out.push_back(Action::StartTls);
-                    self.input.clear();
+                    self.core.out.push_back(Action::StartTls);
+                    self.core.input.clear();
                     self.state = State::TlsPending;
                 } else {
                     self.send(format!("{tag} BAD STARTTLS is not available on this connection\r\n"));
@@ -413,7 +383,7 @@ impl ClientSession {
     }
 
     fn login(&mut self, tag: String, username: String, password: Secret) {
-        self.out.push_back(Action::Login {
+        self.core.out.push_back(Action::Login {
             tag,
             credentials: Credentials { username, password },
         });

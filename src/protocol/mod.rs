@@ -69,6 +69,70 @@ impl Input {
     }
 }
 
+/// What every client session keeps besides its protocol state: unread input, the actions
+/// queued for the driver, and whether the connection is being closed.
+#[derive(Default)]
+pub(crate) struct Core {
+    pub input: Input,
+    pub out: std::collections::VecDeque<ClientAction>,
+    pub closed: bool,
+}
+
+/// A client session as [`Core::next_action`] drives it.
+pub(crate) trait SessionMachine {
+    fn core(&mut self) -> &mut Core;
+    /// Waiting for the driver (a login, a TLS handshake, a query): input is held, not read.
+    fn waiting(&self) -> bool;
+    /// Interpret the next unit of input; false when nothing more can be done now.
+    fn step(&mut self) -> bool;
+}
+
+impl Core {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if !self.closed {
+            self.input.push(bytes);
+        }
+    }
+
+    pub fn send(&mut self, text: impl Into<Vec<u8>>) {
+        self.out.push_back(ClientAction::Send(text.into()));
+    }
+
+    /// Send `line` and close; nothing the client sent afterwards is read.
+    pub fn close_with(&mut self, line: &str) {
+        self.send(format!("{line}\r\n"));
+        self.out.push_back(ClientAction::Close);
+        self.closed = true;
+        self.input.clear();
+    }
+
+    /// The next line, or None (more input needed, or too long: then `too_long` closes).
+    pub fn line(&mut self, max: usize, too_long: &str) -> Option<Vec<u8>> {
+        match self.input.line(max) {
+            Ok(line) => line,
+            Err(LineTooLong) => {
+                self.close_with(too_long);
+                None
+            }
+        }
+    }
+
+    /// Queued actions first, then as much input as the session can interpret now.
+    pub fn next_action<S: SessionMachine>(session: &mut S) -> Option<ClientAction> {
+        loop {
+            if let Some(a) = session.core().out.pop_front() {
+                return Some(a);
+            }
+            if session.core().closed || session.waiting() {
+                return None;
+            }
+            if !session.step() && session.core().out.is_empty() {
+                return None;
+            }
+        }
+    }
+}
+
 /// Find the end of the first line (index just past `\n`) at or after `from`.
 pub(crate) fn find_line_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(from..)?
@@ -196,3 +260,43 @@ pub trait UpstreamMachine: Send {
 pub mod imap;
 pub mod pop3;
 pub mod smtp;
+
+/// Helpers for the transcript tests of every protocol.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use super::{ClientAction, ClientSession, UpAction, UpstreamMachine};
+
+    /// Feed `input` and collect actions until the session needs more.
+    pub fn run<S: ClientSession>(s: &mut S, input: &[u8]) -> Vec<ClientAction> {
+        s.feed(input);
+        std::iter::from_fn(|| s.next_action()).collect()
+    }
+
+    /// Everything the actions send to the client, as text.
+    pub fn sent(actions: &[ClientAction]) -> String {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                ClientAction::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Feed server bytes to an upstream machine and collect its actions.
+    pub fn up_run<M: UpstreamMachine>(m: &mut M, input: &[u8]) -> Vec<UpAction> {
+        m.feed(input);
+        std::iter::from_fn(|| m.next_action()).collect()
+    }
+
+    /// Everything the actions send upstream, as text.
+    pub fn up_sent(actions: &[UpAction]) -> String {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                UpAction::Send(b) => Some(String::from_utf8_lossy(b.expose()).into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -8,7 +8,10 @@
 use std::collections::VecDeque;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
-use super::{trim_eol, Credentials, Input, LineTooLong, UpAction, UpOutcome, UpstreamMachine};
+use super::{
+    trim_eol, Core, Credentials, Input, LineTooLong, SessionMachine, UpAction, UpOutcome,
+    UpstreamMachine,
+};
 use crate::secret::{Secret, SensitiveBytes};
 
 pub const MAX_LINE: usize = 4096;
@@ -28,7 +31,6 @@ enum State {
     AuthPlain,
     Authenticating,
     TlsPending,
-    Closed,
 }
 
 pub struct ClientSession {
@@ -36,14 +38,13 @@ pub struct ClientSession {
     state: State,
     /// From USER, waiting for PASS.
     user: Option<String>,
-    input: Input,
-    out: VecDeque<Action>,
+    core: Core,
 }
 
 impl std::fmt::Debug for ClientSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSession")
-            .field("buffered", &self.input.len())
+            .field("buffered", &self.core.input.len())
             .finish_non_exhaustive()
     }
 }
@@ -56,8 +57,7 @@ impl ClientSession {
             opts,
             state: State::Command,
             user: None,
-            input: Input::default(),
-            out: VecDeque::new(),
+            core: Core::default(),
         }
     }
 
@@ -67,27 +67,11 @@ impl ClientSession {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::Closed) {
-            self.input.push(bytes);
-        }
+        self.core.feed(bytes);
     }
 
     pub fn next_action(&mut self) -> Option<Action> {
-        loop {
-            if let Some(a) = self.out.pop_front() {
-                return Some(a);
-            }
-            match self.state {
-                State::Authenticating | State::TlsPending | State::Closed | State::AwaitCapa => {
-                    return None
-                }
-                _ => {
-                    if !self.step() && self.out.is_empty() {
-                        return None;
-                    }
-                }
-            }
-        }
+        Core::next_action(self)
     }
 
     /// Upstream's capability lines (without the `+OK` line and the final `.`), or None when
@@ -108,46 +92,46 @@ impl ClientSession {
     }
 
     pub fn login_rejected(&mut self, reply: Vec<u8>) {
-        self.out.push_back(Action::Send(reply));
+        self.core.send(reply);
         self.user = None;
         self.state = State::Command;
     }
 
     pub fn into_pending_input(self) -> Vec<u8> {
-        self.input.into_inner()
+        self.core.input.into_inner()
     }
 
     pub fn tls_established(&mut self) {
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
         self.user = None;
-        self.input.clear();
+        self.core.input.clear();
         self.state = State::Command;
     }
 
     fn send(&mut self, text: String) {
-        self.out.push_back(Action::Send(text.into_bytes()));
+        self.core.send(text);
     }
 
     fn close_with(&mut self, line: &str) {
-        self.send(format!("{line}\r\n"));
-        self.out.push_back(Action::Close);
-        self.state = State::Closed;
-        self.input.clear();
+        self.core.close_with(line);
+    }
+}
+
+impl SessionMachine for ClientSession {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
 
-    fn take_line(&mut self) -> Option<Vec<u8>> {
-        match self.input.line(MAX_LINE) {
-            Ok(line) => line,
-            Err(LineTooLong) => {
-                self.close_with("-ERR Line too long");
-                None
-            }
-        }
+    fn waiting(&self) -> bool {
+        matches!(
+            self.state,
+            State::Authenticating | State::TlsPending | State::AwaitCapa
+        )
     }
 
     fn step(&mut self) -> bool {
-        let Some(line) = self.take_line() else {
+        let Some(line) = self.core.line(MAX_LINE, "-ERR Line too long") else {
             return false;
         };
         let text = trim_eol(&line);
@@ -166,7 +150,9 @@ impl ClientSession {
         }
         true
     }
+}
 
+impl ClientSession {
     fn command(&mut self, text: &[u8]) {
         let text = String::from_utf8_lossy(text);
         let (verb, arg) = match text.split_once(' ') {
@@ -175,7 +161,7 @@ impl ClientSession {
         };
         match verb.as_str() {
             "CAPA" => {
-                self.out.push_back(Action::Query(Query::Capa));
+                self.core.out.push_back(Action::Query(Query::Capa));
                 self.state = State::AwaitCapa;
             }
             "USER" => {
@@ -206,8 +192,8 @@ impl ClientSession {
             "STLS" => {
                 if self.opts.starttls_offered {
                     self.send("+OK Begin TLS negotiation\r\n".into());
-                    self.out.push_back(Action::StartTls);
-                    self.input.clear();
+                    self.core.out.push_back(Action::StartTls);
+                    self.core.input.clear();
                     self.state = State::TlsPending;
                 } else {
                     self.send("-ERR STLS is not available on this connection\r\n".into());
@@ -253,7 +239,7 @@ impl ClientSession {
     }
 
     fn login(&mut self, credentials: Credentials) {
-        self.out.push_back(Action::Login {
+        self.core.out.push_back(Action::Login {
             tag: String::new(),
             credentials,
         });

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
-    find_line_end, trim_eol, Credentials, Input, LineTooLong, UpAction, UpOutcome, UpstreamMachine,
+    find_line_end, trim_eol, Core, Credentials, SessionMachine, UpAction, UpOutcome,
+    UpstreamMachine,
 };
 use crate::secret::{Secret, SensitiveBytes};
 
@@ -34,22 +35,20 @@ enum State {
     AuthLoginPassword { username: String },
     Authenticating,
     TlsPending,
-    Closed,
 }
 
 pub struct ClientSession {
     opts: SessionOptions,
     state: State,
     greeted: bool,
-    input: Input,
-    out: VecDeque<Action>,
+    core: Core,
 }
 
 impl std::fmt::Debug for ClientSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSession")
             .field("state", &self.state)
-            .field("buffered", &self.input.len())
+            .field("buffered", &self.core.input.len())
             .finish()
     }
 }
@@ -65,7 +64,6 @@ impl std::fmt::Debug for State {
             State::AuthLoginPassword { .. } => "auth-login-password",
             State::Authenticating => "authenticating",
             State::TlsPending => "tls-pending",
-            State::Closed => "closed",
         };
         f.write_str(name)
     }
@@ -79,8 +77,7 @@ impl ClientSession {
             opts,
             state: State::Command,
             greeted: false,
-            input: Input::default(),
-            out: VecDeque::new(),
+            core: Core::default(),
         }
     }
 
@@ -89,28 +86,11 @@ impl ClientSession {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::Closed) {
-            self.input.push(bytes);
-        }
+        self.core.feed(bytes);
     }
 
     pub fn next_action(&mut self) -> Option<Action> {
-        loop {
-            if let Some(a) = self.out.pop_front() {
-                return Some(a);
-            }
-            match self.state {
-                State::Authenticating
-                | State::TlsPending
-                | State::Closed
-                | State::AwaitHello { .. } => return None,
-                _ => {
-                    if !self.step() && self.out.is_empty() {
-                        return None;
-                    }
-                }
-            }
-        }
+        Core::next_action(self)
     }
 
     /// Upstream's EHLO answer (its lines without the `250-`/`250 ` prefixes), or an error line
@@ -136,13 +116,13 @@ impl ClientSession {
     }
 
     pub fn login_rejected(&mut self, reply: Vec<u8>) {
-        self.out.push_back(Action::Send(reply));
+        self.core.send(reply);
         self.state = State::Command;
     }
 
     /// Held bytes the client sent after AUTH, to forward upstream after the 235.
     pub fn into_pending_input(self) -> Vec<u8> {
-        self.input.into_inner()
+        self.core.input.into_inner()
     }
 
     pub fn tls_established(&mut self) {
@@ -150,33 +130,33 @@ impl ClientSession {
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
         self.greeted = false;
-        self.input.clear();
+        self.core.input.clear();
         self.state = State::Command;
     }
 
     fn send(&mut self, text: String) {
-        self.out.push_back(Action::Send(text.into_bytes()));
+        self.core.send(text);
     }
 
     fn close_with(&mut self, line: &str) {
-        self.send(format!("{line}\r\n"));
-        self.out.push_back(Action::Close);
-        self.state = State::Closed;
-        self.input.clear();
+        self.core.close_with(line);
+    }
+}
+
+impl SessionMachine for ClientSession {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
 
-    fn take_line(&mut self) -> Option<Vec<u8>> {
-        match self.input.line(MAX_LINE) {
-            Ok(line) => line,
-            Err(LineTooLong) => {
-                self.close_with("500 5.5.6 Line too long");
-                None
-            }
-        }
+    fn waiting(&self) -> bool {
+        matches!(
+            self.state,
+            State::Authenticating | State::TlsPending | State::AwaitHello { .. }
+        )
     }
 
     fn step(&mut self) -> bool {
-        let Some(line) = self.take_line() else {
+        let Some(line) = self.core.line(MAX_LINE, "500 5.5.6 Line too long") else {
             return false;
         };
         let text = trim_eol(&line);
@@ -204,7 +184,9 @@ impl ClientSession {
         }
         true
     }
+}
 
+impl ClientSession {
     fn command(&mut self, text: &[u8]) {
         let text = String::from_utf8_lossy(text);
         let (verb, arg) = match text.split_once(' ') {
@@ -216,7 +198,7 @@ impl ClientSession {
                 if arg.is_empty() {
                     return self.send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
                 }
-                self.out.push_back(Action::Query(Query::Hello {
+                self.core.out.push_back(Action::Query(Query::Hello {
                     domain: arg.chars().take(255).collect(),
                 }));
                 self.state = State::AwaitHello {
@@ -228,8 +210,8 @@ impl ClientSession {
                     self.send("501 5.5.4 STARTTLS takes no parameters\r\n".into());
                 } else if self.opts.starttls_offered {
                     self.send("220 2.0.0 Ready to start TLS\r\n".into());
-                    self.out.push_back(Action::StartTls);
-                    self.input.clear();
+                    self.core.out.push_back(Action::StartTls);
+                    self.core.input.clear();
                     self.state = State::TlsPending;
                 } else {
                     self.send("502 5.5.1 STARTTLS is not available on this connection\r\n".into());
@@ -303,7 +285,7 @@ impl ClientSession {
     }
 
     fn login(&mut self, credentials: Credentials) {
-        self.out.push_back(Action::Login {
+        self.core.out.push_back(Action::Login {
             tag: String::new(),
             credentials,
         });

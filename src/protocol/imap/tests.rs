@@ -2,6 +2,7 @@
 //! grammar corners of LOGIN/AUTHENTICATE, run against the state machines without sockets.
 
 use super::*;
+use crate::protocol::testkit::{run, sent, up_run, up_sent};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -14,22 +15,6 @@ fn session() -> ClientSession {
         login_allowed: true,
         limits: Limits::default(),
     })
-}
-
-/// Feed `input` and collect actions until the machine needs more.
-fn run(s: &mut ClientSession, input: &[u8]) -> Vec<Action> {
-    s.feed(input);
-    std::iter::from_fn(|| s.next_action()).collect()
-}
-
-fn sent(actions: &[Action]) -> String {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn login_of(actions: &[Action]) -> Option<(String, String, String)> {
@@ -341,21 +326,6 @@ fn debug_output_of_a_session_never_contains_the_password() {
 }
 
 // ---- upstream side ----
-
-fn up_run(u: &mut UpstreamLogin, input: &[u8]) -> Vec<UpAction> {
-    u.feed(input);
-    std::iter::from_fn(|| u.next_action()).collect()
-}
-
-fn up_sent(actions: &[UpAction]) -> String {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            UpAction::Send(b) => Some(String::from_utf8_lossy(b.expose()).into_owned()),
-            _ => None,
-        })
-        .collect()
-}
 
 #[test]
 fn i1_upstream_success_relays_untagged_capability_and_tagged_ok() {

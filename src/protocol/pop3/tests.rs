@@ -1,6 +1,7 @@
 //! Byte-exact transcripts for POP3 (protocol-facts.md §7.3), without sockets.
 
 use super::*;
+use crate::protocol::testkit::{run, sent, up_run, up_sent};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -11,21 +12,6 @@ fn session(starttls: bool) -> ClientSession {
         starttls_offered: starttls,
         login_allowed: true,
     })
-}
-
-fn run(s: &mut ClientSession, input: &[u8]) -> Vec<Action> {
-    s.feed(input);
-    std::iter::from_fn(|| s.next_action()).collect()
-}
-
-fn sent(actions: &[Action]) -> String {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn login_of(actions: &[Action]) -> Option<(String, String)> {
@@ -172,21 +158,6 @@ fn stls_drops_injected_plaintext() {
     s.tls_established();
     assert!(run(&mut s, b"").is_empty());
     assert!(sent(&run(&mut s, b"STLS\r\n")).starts_with("-ERR"));
-}
-
-fn up_run(m: &mut UpstreamPop, input: &[u8]) -> Vec<UpAction> {
-    m.feed(input);
-    std::iter::from_fn(|| m.next_action()).collect()
-}
-
-fn up_sent(actions: &[UpAction]) -> String {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            UpAction::Send(b) => Some(String::from_utf8_lossy(b.expose()).into_owned()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]

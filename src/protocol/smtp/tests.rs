@@ -1,6 +1,7 @@
 //! Byte-exact transcripts for SMTP (protocol-facts.md §7.2), without sockets.
 
 use super::*;
+use crate::protocol::testkit::{run, sent, up_run, up_sent};
 use crate::protocol::Query;
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
@@ -28,21 +29,6 @@ fn session(starttls: bool) -> ClientSession {
         starttls_offered: starttls,
         login_allowed: true,
     })
-}
-
-fn run(s: &mut ClientSession, input: &[u8]) -> Vec<Action> {
-    s.feed(input);
-    std::iter::from_fn(|| s.next_action()).collect()
-}
-
-fn sent(actions: &[Action]) -> String {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn login_of(actions: &[Action]) -> Option<(String, String)> {
@@ -266,21 +252,6 @@ fn over_long_line_closes() {
 }
 
 // ---- upstream ----
-
-fn up_run(m: &mut impl UpstreamMachine, input: &[u8]) -> Vec<UpAction> {
-    m.feed(input);
-    std::iter::from_fn(|| m.next_action()).collect()
-}
-
-fn up_sent(actions: &[UpAction]) -> String {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            UpAction::Send(b) => Some(String::from_utf8_lossy(b.expose()).into_owned()),
-            _ => None,
-        })
-        .collect()
-}
 
 #[test]
 fn s1_upstream_587_does_ehlo_starttls_and_ehlo_again() {
