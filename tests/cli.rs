@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::{config_text, ListenerSpec};
-use support::{FakeGoogle, FakeImap, TestClient, TestPki, UpstreamTls, CLIENT_SECRET};
+use support::{
+    FakeGoogle, FakeImap, FakePop3, FakeSmtp, PopTls, SmtpMode, TestClient, TestPki, UpstreamTls,
+    CLIENT_SECRET,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_xoauth2-proxy");
 const ALICE: &str = "alice@gmail.com";
@@ -215,12 +218,13 @@ impl Served {
         Served { child, log }
     }
 
-    /// The bound address of the first listener, from the "listening" log line.
-    fn wait_listening(&self) -> std::net::SocketAddr {
+    /// The bound address of the `protocol` listener, from its "listening" log line.
+    fn wait_listening(&self, protocol: &str) -> std::net::SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let tag = format!("protocol=\"{protocol}\"");
         loop {
             if let Some(addr) = self.log.lock().unwrap().iter().find_map(|l| {
-                l.contains("listening")
+                (l.contains("listening") && l.contains(&tag))
                     .then(|| {
                         l.split("bind=")
                             .nth(1)?
@@ -269,21 +273,70 @@ impl Drop for Served {
     }
 }
 
+async fn imap_login(addr: std::net::SocketAddr, command: &str) -> String {
+    let mut c = TestClient::connect(addr).await;
+    c.read_line().await;
+    c.send_line(command).await;
+    let line = c.read_imap_tagged("a1").await.0;
+    if line.starts_with("a1 OK") {
+        c.send_line("a2 SELECT INBOX").await;
+        assert!(c.read_imap_tagged("a2").await.0.starts_with("a2 OK"));
+    }
+    line
+}
+
+async fn smtp_login(addr: std::net::SocketAddr, plain: &str) -> u16 {
+    let mut c = TestClient::connect(addr).await;
+    c.read_line().await;
+    c.send_line("EHLO trace.test").await;
+    assert_eq!(c.read_smtp_reply().await.0, 250);
+    c.send_line(&format!("AUTH PLAIN {plain}")).await;
+    let code = c.read_smtp_reply().await.0;
+    if code == 235 {
+        c.send(b"MAIL FROM:<alice@gmail.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            .await;
+        for want in [250, 250, 354] {
+            assert_eq!(c.read_smtp_reply().await.0, want);
+        }
+        c.send(b"Subject: t\r\n\r\nsecret-free body\r\n.\r\n").await;
+        assert_eq!(c.read_smtp_reply().await.0, 250);
+    }
+    code
+}
+
+async fn pop3_login(addr: std::net::SocketAddr, password: &str) -> String {
+    let mut c = TestClient::connect(addr).await;
+    c.read_line().await;
+    c.send_line(&format!("USER {ALICE}")).await;
+    c.read_line().await;
+    c.send_line(&format!("PASS {password}")).await;
+    let line = c.read_line().await;
+    if line.starts_with("+OK") {
+        c.send_line("RETR 1").await;
+        assert!(c.read_line().await.starts_with("+OK"));
+        c.read_pop_multiline().await;
+    }
+    line
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn trace_logs_of_logins_and_failures_hold_no_secret_and_sigterm_exits_zero() {
+async fn trace_logs_of_every_protocol_and_failure_hold_no_secret_and_sigterm_exits_zero() {
     let google = FakeGoogle::start().await;
     let pki = TestPki::new();
     let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
     imap.add_message(ALICE, b"Subject: hi\r\n\r\nhello\r\n");
+    let smtp = FakeSmtp::start(&google, &pki, SmtpMode::StartTls).await;
+    let pop = FakePop3::start(&google, &pki, PopTls::Implicit).await;
+    pop.add_message(ALICE, b"Subject: hi\r\n\r\nhello\r\n");
     let dir = tempfile::tempdir().unwrap();
+    let listeners = [
+        ListenerSpec::new("imap", imap.addr),
+        ListenerSpec::new("smtp", smtp.addr).upstream_tls("starttls"),
+        ListenerSpec::new("pop3", pop.addr),
+    ];
     let cfg = write_config(
         dir.path(),
-        &config_text(
-            &google,
-            &pki,
-            &[ListenerSpec::new("imap", imap.addr)],
-            &[ALICE],
-        ),
+        &config_text(&google, &pki, &listeners, &[ALICE]),
     );
     let refresh = "1//0gREFRESH-secret-token";
     google.add_refresh_token(refresh, ALICE);
@@ -303,54 +356,80 @@ async fn trace_logs_of_logins_and_failures_hold_no_secret_and_sigterm_exits_zero
     .unwrap();
 
     let mut served = Served::start(&cfg);
-    let addr = tokio::task::block_in_place(|| served.wait_listening());
+    let (imap_at, smtp_at, pop_at) = tokio::task::block_in_place(|| {
+        (
+            served.wait_listening("imap"),
+            served.wait_listening("smtp"),
+            served.wait_listening("pop3"),
+        )
+    });
     let plain = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(format!("\0{ALICE}\0{password}"))
     };
-    // A wrong password, a good LOGIN, an AUTHENTICATE PLAIN after the token was rejected
-    // upstream (challenge, refresh, retry), and a session that fetches mail.
-    let mut c = TestClient::connect(addr).await;
-    c.read_line().await;
-    c.send_line(&format!("a0 LOGIN {ALICE} wrong-{password}"))
-        .await;
-    assert!(c.read_line().await.starts_with("a0 NO"));
-    c.send_line(&format!("a1 LOGIN {ALICE} {password}")).await;
-    assert!(c.read_imap_tagged("a1").await.0.starts_with("a1 OK"));
-    c.send_line("a2 SELECT INBOX").await;
-    assert!(c.read_imap_tagged("a2").await.0.starts_with("a2 OK"));
+    let wrong_plain = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{ALICE}\0wrong-{password}"))
+    };
+    let login = format!("a1 LOGIN {ALICE} {password}");
+    // Every protocol: a wrong password, a good login with mail moved, and a login after Gmail
+    // stopped accepting the cached token (error challenge, refresh, retry).
+    assert!(
+        imap_login(imap_at, &format!("a1 LOGIN {ALICE} wrong-{password}"))
+            .await
+            .starts_with("a1 NO")
+    );
+    assert!(imap_login(imap_at, &login).await.starts_with("a1 OK"));
+    assert_eq!(smtp_login(smtp_at, &wrong_plain).await, 535);
+    assert_eq!(smtp_login(smtp_at, &plain).await, 235);
+    assert!(pop3_login(pop_at, "wrong").await.starts_with("-ERR [AUTH]"));
+    assert!(pop3_login(pop_at, &password).await.starts_with("+OK"));
+    for _ in 0..3 {
+        google.invalidate_access_tokens();
+        assert!(
+            imap_login(imap_at, &format!("a1 AUTHENTICATE PLAIN {plain}"))
+                .await
+                .starts_with("a1 OK")
+        );
+        google.invalidate_access_tokens();
+        assert_eq!(smtp_login(smtp_at, &plain).await, 235);
+        google.invalidate_access_tokens();
+        assert!(pop3_login(pop_at, &password).await.starts_with("+OK"));
+    }
+    // Token endpoint down, then the grant revoked: temporary, then permanent failures.
     google.invalidate_access_tokens();
-    let mut c = TestClient::connect(addr).await;
-    c.read_line().await;
-    c.send_line(&format!("b1 AUTHENTICATE PLAIN {plain}")).await;
-    assert!(c.read_imap_tagged("b1").await.0.starts_with("b1 OK"));
-    google.revoke_refresh_token(refresh);
-    google.invalidate_access_tokens();
-    let mut c = TestClient::connect(addr).await;
-    c.read_line().await;
-    c.send_line(&format!("c1 LOGIN {ALICE} {password}")).await;
-    assert!(c
-        .read_line()
+    google.set_down(true);
+    assert!(imap_login(imap_at, &login)
         .await
-        .starts_with("c1 NO [AUTHENTICATIONFAILED]"));
-    let mut waiting = TestClient::connect(addr).await;
+        .starts_with("a1 NO [UNAVAILABLE]"));
+    google.set_down(false);
+    google.revoke_refresh_token(refresh);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(imap_login(imap_at, &login)
+        .await
+        .starts_with("a1 NO [AUTHENTICATIONFAILED]"));
+    assert_eq!(smtp_login(smtp_at, &plain).await, 535);
+    assert!(pop3_login(pop_at, &password)
+        .await
+        .starts_with("-ERR [AUTH]"));
+    let mut waiting = TestClient::connect(imap_at).await;
     waiting.read_line().await;
 
     let code = tokio::task::block_in_place(|| served.terminate());
     assert_eq!(code, 0, "SIGTERM exits 0");
     let log = served.log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("logged in"),
-        "trace logs were collected: {log}"
-    );
-    assert!(
-        log.contains("TRACE") || log.contains("DEBUG"),
-        "trace level was on"
-    );
+    for protocol in ["imap", "smtp", "pop3"] {
+        assert!(
+            log.contains(&format!("protocol=\"{protocol}\"")) && log.contains("logged in"),
+            "{protocol} logins were logged"
+        );
+    }
+    assert!(log.contains("TRACE"), "trace level was on");
     for secret in [
         password.as_str(),
         refresh,
         plain.as_str(),
+        wrong_plain.as_str(),
         CLIENT_SECRET,
         "ya29.",                        // every access token the fake issues
         "dXNlcj1hbGljZUBnbWFpbC5jb20B", // the start of any XOAUTH2 string for alice
