@@ -110,7 +110,7 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
     for l in &config.listeners {
         let upstream_tls = crate::tls::client_config(l.upstream_ca.as_deref())
             .map_err(|e| format!("{} listener on {}: {e}", l.protocol.name(), l.bind))?;
-        let tcp = TcpListener::bind(l.bind).await.map_err(|e| {
+        let tcp = listen(l.bind).map_err(|e| {
             format!(
                 "{} listener: cannot bind {}: {e}",
                 l.protocol.name(),
@@ -129,6 +129,49 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
     Ok(out)
 }
 
+/// A listening socket whose accept queue holds a burst of clients (the standard library's
+/// 128 would silently drop the rest of a thousand arriving at once; the kernel caps this at
+/// `net.core.somaxconn`).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Raise the soft limit on open descriptors to the hard limit: each proxied session holds two
+/// sockets, and the usual soft default of 1024 would cap the proxy at about 500 sessions.
+/// Returns the limit in force.
+pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim = raised;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Run until `shutdown` resolves, then stop accepting, give open sessions the grace period,
 /// and return.
 pub async fn serve(
@@ -136,6 +179,10 @@ pub async fn serve(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()>,
 ) {
+    match raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     let cancel = CancellationToken::new();
     app.tokens.spawn_refresher(cancel.clone());
     let tracker = TaskTracker::new();
@@ -262,34 +309,51 @@ pub struct Conn {
 /// ends the session (the client is closed too, so nothing holds Gmail's connection slot); the
 /// client ending its side is passed on as a half-close while the server's last words still
 /// reach the client. Returns (bytes to upstream, bytes to client).
+///
+/// Both directions run in this one task with the streams owned here (no split, no lock); each
+/// direction borrows a buffer only while bytes are in flight, so idle sessions hold none.
 pub async fn splice(
-    client: stream::Stream,
-    upstream: stream::Stream,
+    mut client: stream::Stream,
+    mut upstream: stream::Stream,
 ) -> std::io::Result<(u64, u64)> {
-    use tokio::io::{AsyncWriteExt, BufReader};
-    let (client_read, mut client_write) = tokio::io::split(client);
-    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let mut client_read = BufReader::with_capacity(SPLICE_BUF, client_read);
-    let mut upstream_read = BufReader::with_capacity(SPLICE_BUF, upstream_read);
-    let to_upstream = async {
-        let n = tokio::io::copy_buf(&mut client_read, &mut upstream_write).await?;
-        upstream_write.shutdown().await?;
-        Ok::<u64, std::io::Error>(n)
-    };
-    let to_client = async {
-        let n = tokio::io::copy_buf(&mut upstream_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
-        n
-    };
-    tokio::pin!(to_upstream, to_client);
-    tokio::select! {
-        down = &mut to_client => Ok((0, down?)),
-        up = &mut to_upstream => {
-            let up = up?;
-            let down = to_client.await?;
-            Ok((up, down))
+    use std::task::Poll;
+    use tokio::io::AsyncWrite;
+    let mut up = stream::Pump::new();
+    let mut down = stream::Pump::new();
+    // The client's side ended and was passed on as a half-close.
+    let (mut up_done, mut up_shut) = (false, false);
+    // The server's side ended (with its result), and the client is being shut down.
+    let mut server_ended: Option<std::io::Result<()>> = None;
+    std::future::poll_fn(|cx| {
+        if server_ended.is_none() {
+            match down.poll_copy(cx, &mut upstream, &mut client) {
+                Poll::Ready(r) => server_ended = Some(r),
+                Poll::Pending => {}
+            }
         }
-    }
+        if let Some(result) = &mut server_ended {
+            // Close the client too; its shutdown failing changes nothing.
+            let _ = std::task::ready!(std::pin::Pin::new(&mut client).poll_shutdown(cx));
+            return Poll::Ready(std::mem::replace(result, Ok(())));
+        }
+        if !up_done {
+            if let Poll::Ready(r) = up.poll_copy(cx, &mut client, &mut upstream) {
+                r?;
+                up_done = true;
+            }
+        }
+        if up_done && !up_shut {
+            std::task::ready!(std::pin::Pin::new(&mut upstream).poll_shutdown(cx))?;
+            up_shut = true;
+        }
+        Poll::Pending
+    })
+    .await?;
+    Ok((up.total, down.total))
 }
 
-const SPLICE_BUF: usize = 16 * 1024;
+/// Bytes one splice direction moves per batch (see `stream::Pump`), and the size of a TLS
+/// read-ahead. Large batches mean few syscalls and few wake-ups: going from 16 KiB to 256 KiB
+/// took the proxy's CPU per GB spliced down by about a third. Buffers are held only while bytes
+/// are in flight.
+const SPLICE_BUF: usize = 256 * 1024;

@@ -54,21 +54,37 @@ pub(crate) trait Dialect: Send {
 }
 
 pub(crate) async fn run<D: Dialect>(
-    mut dialect: D,
+    dialect: D,
     conn: Conn,
     tcp: TcpStream,
     cancel: CancellationToken,
 ) {
+    // Boxed: the login phase's state (client session machine, read buffer, upstream connect
+    // and handshake) is large and short-lived; inline it would size every session's task for
+    // the session's whole life, while an idle spliced session needs only the splice.
+    let Some((email, client, up, pending)) = Box::pin(log_in(dialect, &conn, tcp, cancel)).await
+    else {
+        return;
+    };
+    complete(&conn, &email, client, up, pending).await
+}
+
+/// Greet and run the client session machine until a login succeeds upstream; `None` when the
+/// client leaves, times out or the proxy shuts down first.
+async fn log_in<D: Dialect>(
+    mut dialect: D,
+    conn: &Conn,
+    tcp: TcpStream,
+    cancel: CancellationToken,
+) -> Option<(String, Stream, Upstream, Vec<u8>)> {
     let limits = conn.app.config.limits.clone();
     let mut deadline = Instant::now() + limits.preauth_timeout;
     let local_tls = conn.ctx.config.local_tls;
-    let Some(mut client) = open_client(&conn, tcp, deadline).await else {
-        return;
-    };
+    let mut client = open_client(conn, tcp, deadline).await?;
     let starttls = local_tls == LocalTls::Starttls;
     let mut session = dialect.session(starttls, !starttls || conn.peer.ip().is_loopback());
     if client.write_all(&session.greeting()).await.is_err() {
-        return;
+        return None;
     }
     let mut buf = vec![0u8; 4096];
     loop {
@@ -79,38 +95,36 @@ pub(crate) async fn run<D: Dialect>(
                         .await
                         .map_or(true, |r| r.is_err())
                     {
-                        return;
+                        return None;
                     }
                 }
                 ClientAction::Close => {
                     let _ = timeout_at(deadline, client.shutdown()).await;
-                    return;
+                    return None;
                 }
                 ClientAction::StartTls => {
-                    let Some(tls) = conn.ctx.server_tls.clone() else {
-                        return;
-                    };
+                    let tls = conn.ctx.server_tls.clone()?;
                     client = match timeout_at(deadline, client.upgrade_server(tls)).await {
                         Ok(Ok(s)) => s,
                         _ => {
                             tracing::debug!(peer = %conn.peer, "STARTTLS handshake with client failed");
-                            return;
+                            return None;
                         }
                     };
                     session.tls_established();
                 }
-                ClientAction::Query(query) => dialect.query(&conn, &mut session, query).await,
+                ClientAction::Query(query) => dialect.query(conn, &mut session, query).await,
                 ClientAction::Login { tag, credentials } => {
                     let result = async {
-                        let (email, token) = login::authorize(&conn, &credentials).await?;
-                        let up = dialect.login(&conn, &tag, &email, token).await?;
+                        let (email, token) = login::authorize(conn, &credentials).await?;
+                        let up = dialect.login(conn, &tag, &email, token).await?;
                         Ok::<_, Failure>((email, up))
                     }
                     .await;
                     match result {
                         Ok((email, up)) => {
                             let pending = session.into_pending_input();
-                            return complete(&conn, &email, client, up, pending).await;
+                            return Some((email, client, up, pending));
                         }
                         Err(failure) => {
                             session.login_rejected(dialect.failure_reply(&tag, &failure));
@@ -124,16 +138,16 @@ pub(crate) async fn run<D: Dialect>(
             r = timeout_at(deadline, client.read(&mut buf)) => r,
             _ = cancel.cancelled() => {
                 let _ = timeout_at(deadline, client.write_all(dialect.shutdown_line())).await;
-                return;
+                return None;
             }
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(n)) => session.feed(&buf[..n]),
             Err(_) => {
                 let grace = Instant::now() + std::time::Duration::from_secs(2);
                 let _ = timeout_at(grace, client.write_all(dialect.timeout_line())).await;
-                return;
+                return None;
             }
         }
     }
