@@ -36,6 +36,14 @@ pub struct Accounts {
     /// Digest of (account, password) → the hash it matched. Entries only count while that hash
     /// is still in the store, so a removed password stops working at once.
     verified: Mutex<HashMap<[u8; 32], String>>,
+    /// Checks in progress, by the same digest: a client reconnecting many times at once with
+    /// a password not yet cached waits for one Argon2 run instead of starting its own.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    /// Argon2 runs at once (each takes ~19 MiB and a core): bounded so a flood of distinct
+    /// passwords costs queueing, not memory.
+    hashing: tokio::sync::Semaphore,
+    /// Argon2 runs so far (for tests and diagnostics).
+    hash_runs: std::sync::atomic::AtomicU64,
     cache_key: [u8; 32],
     /// Verified against for unknown users, so they cost the same time as known ones.
     decoy_hash: String,
@@ -65,6 +73,11 @@ impl Accounts {
                 data: Arc::new(data),
             }),
             verified: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            ),
+            hash_runs: Default::default(),
             cache_key: rand::random(),
             decoy_hash,
         })
@@ -125,14 +138,58 @@ impl Accounts {
             Vec::new()
         };
         let digest = self.digest(&key, password);
-        {
-            let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(h) = cache.get(&digest) {
-                if hashes.contains(h) {
-                    return Ok(key);
-                }
-            }
+        if self.cached(&digest, &hashes) {
+            return Ok(key);
         }
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone();
+        let result = {
+            let _same_password = flight.lock().await;
+            if self.cached(&digest, &hashes) {
+                Ok(key)
+            } else {
+                self.check(&key, password, hashes, digest).await
+            }
+        };
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        // The last one out removes the entry (the map holds one reference).
+        if Arc::strong_count(&flight) <= 2 {
+            in_flight.remove(&digest);
+        }
+        result
+    }
+
+    /// How many Argon2 checks ran (cache misses).
+    pub fn hash_runs(&self) -> u64 {
+        self.hash_runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether this digest was verified before against a hash the account still has.
+    fn cached(&self, digest: &[u8; 32], hashes: &[String]) -> bool {
+        let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(digest).is_some_and(|h| hashes.contains(h))
+    }
+
+    /// Run Argon2 (bounded in parallel) and remember a match.
+    async fn check(
+        &self,
+        key: &str,
+        password: &Secret,
+        hashes: Vec<String>,
+        digest: [u8; 32],
+    ) -> Result<String, LocalAuthError> {
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|e| LocalAuthError::Store(format!("password check failed: {e}")))?;
+        self.hash_runs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pw = password.clone();
         let decoy = self.decoy_hash.clone();
         let matched = tokio::task::spawn_blocking(move || {
@@ -153,7 +210,7 @@ impl Accounts {
                     cache.clear();
                 }
                 cache.insert(digest, hash);
-                Ok(key)
+                Ok(key.to_string())
             }
             None => Err(LocalAuthError::BadCredentials),
         }
@@ -434,6 +491,41 @@ pub fn report(
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_logins_with_a_new_password_share_one_argon2_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            "state_dir = \"state\"\n[[account]]\nemail = \"alice@x.com\"\n",
+            &tmp.path().join("config.toml"),
+        )
+        .unwrap();
+        let store = crate::store::Store::open(&config.state_dir, &config.store).unwrap();
+        let pw = add_password(&store, "alice@x.com", "laptop").unwrap();
+        let accounts = Arc::new(Accounts::new(&config, store).unwrap());
+        let logins: Vec<_> = (0..20)
+            .map(|_| {
+                let (a, pw) = (accounts.clone(), pw.clone());
+                tokio::spawn(async move { a.verify("Alice@x.com", &pw).await })
+            })
+            .collect();
+        for l in logins {
+            assert_eq!(l.await.unwrap(), Ok("alice@x.com".to_string()));
+        }
+        assert_eq!(accounts.hash_runs(), 1);
+        // Wrong passwords are never cached: each costs a check.
+        let wrong = Secret::new("wrong");
+        assert_eq!(
+            accounts.verify("alice@x.com", &wrong).await,
+            Err(LocalAuthError::BadCredentials)
+        );
+        assert_eq!(
+            accounts.verify("alice@x.com", &wrong).await,
+            Err(LocalAuthError::BadCredentials)
+        );
+        assert_eq!(accounts.hash_runs(), 3);
+        assert!(accounts.in_flight.lock().unwrap().is_empty());
+    }
 
     const NOW: i64 = 1_767_225_600;
 
