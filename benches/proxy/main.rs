@@ -5,10 +5,12 @@
 //! with `--json` the same numbers as JSON on stdout, the table then going to stderr).
 //!
 //! Options (after `--`): `--json`; `--quick` (fewer samples, shorter windows); `--secs S`
-//! (throughput window, 1); `--rounds N` (throughput runs per route, best kept, 3); `--samples N`
+//! (throughput window, 1); `--rounds N` (throughput runs per route, best kept, 3); `--soak N`
+//! (login-fetch-logout cycles through the proxy, with its memory and descriptors before and
+//! after; 0 = skip, the default; 100000 for the hardening soak); `--samples N`
 //! (login latency samples per route, 400); `--sessions N` (idle sessions, 10000, capped by the
 //! descriptor limit); `--burst N` (1000); `--storm N` (1000); `--message-mib N` (8); for
-//! profiling `--only idle|burst|latency|throughput|storm`, `--transfer
+//! profiling `--only idle|burst|latency|throughput|storm|soak`, `--transfer
 //! imap_fetch|smtp_data|pop3_retr` and `--streams 1|16`. `XOAUTH2_PROXY_BIN=path` runs another
 //! build of the proxy. Everything listens on 127.0.0.1 and every wait is bounded; a watchdog
 //! ends the run after 15 minutes.
@@ -53,6 +55,7 @@ struct Opts {
     sessions: usize,
     burst: usize,
     storm: usize,
+    soak: usize,
     message_mib: usize,
     /// Run only this phase (for profiling).
     only: Option<String>,
@@ -72,6 +75,7 @@ impl Opts {
             sessions: 10_000,
             burst: 1000,
             storm: 1000,
+            soak: 0,
             message_mib: 8,
             only: None,
             transfer: None,
@@ -103,6 +107,7 @@ impl Opts {
                 "--sessions" => o.sessions = num("--sessions")? as usize,
                 "--burst" => o.burst = num("--burst")? as usize,
                 "--storm" => o.storm = num("--storm")? as usize,
+                "--soak" => o.soak = num("--soak")? as usize,
                 "--message-mib" => o.message_mib = num("--message-mib")? as usize,
                 other => return Err(format!("unknown option {other}")),
             }
@@ -119,7 +124,7 @@ fn main() {
     let opts = match Opts::parse() {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("bench: {e}\nusage: cargo bench --bench proxy -- [--json] [--quick] [--secs S] [--rounds N] [--samples N] [--sessions N] [--burst N] [--storm N] [--message-mib N] [--only idle|burst|latency|throughput|storm] [--transfer imap_fetch|smtp_data|pop3_retr] [--streams 1|16]");
+            eprintln!("bench: {e}\nusage: cargo bench --bench proxy -- [--json] [--quick] [--secs S] [--rounds N] [--samples N] [--sessions N] [--burst N] [--storm N] [--soak N] [--message-mib N] [--only idle|burst|latency|throughput|storm|soak] [--transfer imap_fetch|smtp_data|pop3_retr] [--streams 1|16]");
             std::process::exit(2);
         }
     };
@@ -400,6 +405,11 @@ async fn run(opts: &Opts, nofile: u64) -> Result<Value, String> {
     } else {
         Value::Null
     };
+    let soak = if opts.soak > 0 && want("soak") {
+        phase_soak(&env, opts.soak).await?
+    } else {
+        Value::Null
+    };
     let log_lines = std::fs::read_to_string(&env.proxy.log)
         .map(|l| {
             l.lines()
@@ -422,6 +432,7 @@ async fn run(opts: &Opts, nofile: u64) -> Result<Value, String> {
         "burst": burst,
         "idle_sessions": idle,
         "refresh_storm": storm,
+        "soak": soak,
         "cpu": cpu,
         "proxy_warnings_logged": log_lines,
         "bench_secs": round(started.elapsed().as_secs_f64(), 1),
@@ -870,6 +881,108 @@ async fn phase_storm(env: &Env, n: usize) -> Result<Value, String> {
 // ---------------------------------------------------------------------------------------------
 // the table
 
+// ---------------------------------------------------------------------------------------------
+// soak: many short sessions; the proxy must give back what they used
+
+/// One IMAP session through the proxy: log in, fetch the small message, log out.
+async fn soak_cycle(route: &Route) -> Result<(), String> {
+    let mut c = login(Proto::Imap, route, BENCH_USER, 8192)
+        .await
+        .map_err(|e| format!("login: {e}"))?;
+    let step = async {
+        c.send(b"f FETCH 2 BODY[]\r\n").await?;
+        let done = c.until("f ").await?;
+        if !done.starts_with("f OK") {
+            return Err(std::io::Error::other(format!("fetch: {done}")));
+        }
+        c.send(b"l LOGOUT\r\n").await?;
+        let bye = c.until("l ").await?;
+        if !bye.starts_with("l OK") {
+            return Err(std::io::Error::other(format!("logout: {bye}")));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), step)
+        .await
+        .map_err(|_| "cycle took over 30 s".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+async fn phase_soak(env: &Env, n: usize) -> Result<Value, String> {
+    progress(&format!(
+        "soak: {n} login-fetch-logout cycles through the proxy"
+    ));
+    let pid = env.proxy.pid();
+    let route = env.route(Proto::Imap, true);
+    // Warm up first: allocator pools, the password cache and the token are then in place, so
+    // "before" is the steady state the proxy must return to.
+    for _ in 0..200 {
+        soak_cycle(&route).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = sys::rss_kib(pid).unwrap_or(0);
+    let fds0 = sys::open_fds(pid).unwrap_or(0);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let started = Instant::now();
+    let mut workers = JoinSet::new();
+    for _ in 0..16 {
+        let (route, next, failures, first_error) = (
+            route.clone(),
+            next.clone(),
+            failures.clone(),
+            first_error.clone(),
+        );
+        workers.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                if failures.load(Ordering::Relaxed) > 100 {
+                    return;
+                }
+                if let Err(e) = soak_cycle(&route).await {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
+                }
+            }
+        });
+    }
+    let mut peak_rss = 0;
+    while !workers.is_empty() {
+        tokio::select! {
+            _ = workers.join_next() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                peak_rss = peak_rss.max(sys::rss_kib(pid).unwrap_or(0));
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Closed sessions finish in the proxy shortly after the client sees LOGOUT's OK.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && sys::open_fds(pid).unwrap_or(0) > fds0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = sys::rss_kib(pid).unwrap_or(0);
+    let fds1 = sys::open_fds(pid).unwrap_or(0);
+    let failed = failures.load(Ordering::Relaxed);
+    if let Some(e) = first_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        progress(&format!("soak: first failure: {e}"));
+    }
+    Ok(json!({
+        "cycles": n,
+        "failed": failed,
+        "cycles_per_sec": round(n as f64 / secs, 0),
+        "proxy_rss_before_kib": rss0,
+        "proxy_rss_peak_kib": peak_rss.max(rss1),
+        "proxy_rss_after_kib": rss1,
+        "proxy_fds_before": fds0,
+        "proxy_fds_after": fds1,
+    }))
+}
+
 fn render(r: &Value) -> String {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let u = |v: &Value| v.as_u64().unwrap_or(0);
@@ -1074,6 +1187,46 @@ fn render(r: &Value) -> String {
             format!("{:.2}", f(&c["cpu_bound_ratio_ceiling"])),
             "",
             None,
+        );
+    }
+    let k = &r["soak"];
+    if !k.is_null() {
+        // Back to the starting level: memory within 10 % (allocator noise), descriptors equal.
+        let rss_back = f(&k["proxy_rss_after_kib"]) <= f(&k["proxy_rss_before_kib"]) * 1.1;
+        let fds_back = u(&k["proxy_fds_after"]) <= u(&k["proxy_fds_before"]);
+        line(
+            &mut out,
+            &format!("7. soak: {} login-fetch-logout cycles", u(&k["cycles"])),
+            format!(
+                "{} failed, {:.0} cycles/s",
+                u(&k["failed"]),
+                f(&k["cycles_per_sec"])
+            ),
+            "",
+            Some(u(&k["failed"]) == 0),
+        );
+        line(
+            &mut out,
+            "   proxy RSS before / peak / after",
+            format!(
+                "{:.1} / {:.1} / {:.1} MiB",
+                f(&k["proxy_rss_before_kib"]) / 1024.0,
+                f(&k["proxy_rss_peak_kib"]) / 1024.0,
+                f(&k["proxy_rss_after_kib"]) / 1024.0
+            ),
+            "back",
+            Some(rss_back),
+        );
+        line(
+            &mut out,
+            "   proxy open descriptors before / after",
+            format!(
+                "{} / {}",
+                u(&k["proxy_fds_before"]),
+                u(&k["proxy_fds_after"])
+            ),
+            "back",
+            Some(fds_back),
         );
     }
     let _ = writeln!(

@@ -20,6 +20,9 @@ use crate::support::GoogleHandle;
 
 /// The message every FETCH and RETR returns: CRLF lines of 76 base64 characters (no line
 /// starts with a dot, so POP3 needs no stuffing).
+/// Size of the small message IMAP `FETCH 2` returns.
+pub const SMALL_MESSAGE: usize = 4096;
+
 pub fn make_message(size: usize) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(size + 80);
@@ -245,9 +248,16 @@ async fn imap(conn: &mut Conn, shared: &Shared) -> io::Result<()> {
                 }
             }
             "FETCH" if authed => {
-                let head = format!("* 1 FETCH (BODY[] {{{}}}\r\n", shared.message.len());
+                // Message 2 is a small one (the soak's login-fetch-logout cycles).
+                let body = if rest.starts_with("2 ") {
+                    &shared.message[..shared.message.len().min(SMALL_MESSAGE)]
+                } else {
+                    &shared.message[..]
+                };
+                let n = if rest.starts_with("2 ") { 2 } else { 1 };
+                let head = format!("* {n} FETCH (BODY[] {{{}}}\r\n", body.len());
                 conn.send(head.as_bytes()).await?;
-                conn.send(&shared.message).await?;
+                conn.send(body).await?;
                 format!(")\r\n{tag} OK Success\r\n")
             }
             "NOOP" => format!("{tag} OK Success\r\n"),
