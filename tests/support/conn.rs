@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -311,4 +312,69 @@ where
             }
         }
     }))
+}
+
+/// What every fake mail server counts and records, with the accessors tests use (each fake
+/// derefs to its `ServerStats`).
+#[derive(Default)]
+pub struct ServerStats {
+    pub successful: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub connections: AtomicUsize,
+    pub active: AtomicUsize,
+    pub violations: Mutex<Vec<String>>,
+    pub before_auth: Mutex<Vec<String>>,
+    pub auth_delay: Mutex<Duration>,
+}
+
+impl ServerStats {
+    pub fn successful_logins(&self) -> usize {
+        self.successful.load(Ordering::SeqCst)
+    }
+
+    /// Failed authentications (counted when the final failure reply is sent).
+    pub fn failed_logins(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    pub fn protocol_violations(&self) -> Vec<String> {
+        lock(&self.violations).clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Lines that had arrived (beyond what the SASL exchange needed) when an authentication
+    /// result was about to be sent. Credentials are redacted.
+    pub fn received_before_auth_result(&self) -> Vec<String> {
+        lock(&self.before_auth).clone()
+    }
+
+    /// Wait this long before answering each authentication, so a test can prove that
+    /// commands pipelined after the login are held back by the proxy.
+    pub fn set_auth_delay(&self, d: Duration) {
+        *lock(&self.auth_delay) = d;
+    }
+
+    /// Count a new connection as open until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>) -> ActiveGuard {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        self.active.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self.clone())
+    }
+}
+
+pub struct ActiveGuard(Arc<ServerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conn::{bind_loopback, lock, random_id, spawn_server, Conn, Line, ServerTask, Stream};
+use super::conn::{
+    bind_loopback, lock, random_id, spawn_server, Conn, Line, ServerStats, ServerTask, Stream,
+};
 use super::google::{FakeGoogle, GoogleHandle};
 use super::pki::TestPki;
 use super::XOAUTH2_ERROR_CHALLENGE;
@@ -36,23 +38,17 @@ pub enum UpstreamTls {
 }
 
 struct Shared {
+    stats: Arc<ServerStats>,
     google: GoogleHandle,
     acceptor: TlsAcceptor,
     tls: UpstreamTls,
     mailboxes: Mutex<HashMap<String, Vec<Arc<Vec<u8>>>>>,
-    successful: AtomicUsize,
-    failed: AtomicUsize,
-    connections: AtomicUsize,
-    active: AtomicUsize,
-    violations: Mutex<Vec<String>>,
-    before_auth: Mutex<Vec<String>>,
     extra_untagged: AtomicBool,
-    auth_delay: Mutex<Duration>,
 }
 
 impl Shared {
     fn violation(&self, v: String) {
-        lock(&self.violations).push(format!("IMAP: {v}"));
+        lock(&self.stats.violations).push(format!("IMAP: {v}"));
     }
 }
 
@@ -65,18 +61,12 @@ pub struct FakeImap {
 impl FakeImap {
     pub async fn start(google: &FakeGoogle, pki: &TestPki, tls: UpstreamTls) -> FakeImap {
         let shared = Arc::new(Shared {
+            stats: Arc::default(),
             google: google.shared(),
             acceptor: TlsAcceptor::from(pki.server_config()),
             tls,
             mailboxes: Mutex::new(HashMap::new()),
-            successful: AtomicUsize::new(0),
-            failed: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
-            violations: Mutex::new(Vec::new()),
-            before_auth: Mutex::new(Vec::new()),
             extra_untagged: AtomicBool::new(false),
-            auth_delay: Mutex::new(Duration::ZERO),
         });
         let (listener, addr) = bind_loopback().await;
         let s = shared.clone();
@@ -103,61 +93,15 @@ impl FakeImap {
             .map_or(0, Vec::len)
     }
 
-    pub fn successful_logins(&self) -> usize {
-        self.shared.successful.load(Ordering::SeqCst)
-    }
-
-    /// Failed AUTHENTICATE / LOGIN attempts (counted when the final NO/BAD is sent).
-    pub fn failed_logins(&self) -> usize {
-        self.shared.failed.load(Ordering::SeqCst)
-    }
-
-    pub fn protocol_violations(&self) -> Vec<String> {
-        lock(&self.shared.violations).clone()
-    }
-
     /// Gmail quirk: send `* OK Gimap ready for requests from 127.0.0.1 <id>` between
     /// `AUTHENTICATE XOAUTH2` (no IR) and `+ `.
     pub fn set_extra_untagged_before_continuation(&self, on: bool) {
         self.shared.extra_untagged.store(on, Ordering::SeqCst);
     }
-
-    /// Connections accepted so far.
-    pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
-    }
-
-    /// Connections currently open.
-    pub fn active_connections(&self) -> usize {
-        self.shared.active.load(Ordering::SeqCst)
-    }
-
-    /// Lines that had arrived from a connection (beyond what the SASL exchange needed) by
-    /// the time an AUTHENTICATE result was about to be sent. Non-empty means the peer
-    /// pipelined commands behind AUTHENTICATE. Credentials are redacted.
-    pub fn received_before_auth_result(&self) -> Vec<String> {
-        lock(&self.shared.before_auth).clone()
-    }
-
-    /// Wait this long before answering each AUTHENTICATE (gives a peer that wrongly
-    /// pipelines commands behind AUTHENTICATE time to reveal it). Default zero.
-    pub fn set_auth_delay(&self, d: Duration) {
-        *lock(&self.shared.auth_delay) = d;
-    }
-}
-
-struct ActiveGuard(Arc<Shared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 async fn handle_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    shared.connections.fetch_add(1, Ordering::SeqCst);
-    shared.active.fetch_add(1, Ordering::SeqCst);
-    let _guard = ActiveGuard(shared.clone());
+    let _open = shared.stats.open();
     let conn = match shared.tls {
         UpstreamTls::Implicit => match Conn::accept_tls(tcp, &shared.acceptor).await {
             Ok(c) => c,
@@ -358,7 +302,7 @@ impl Session {
                     if pre_tls {
                         self.shared
                             .violation("AUTHENTICATE before STARTTLS".to_string());
-                        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                         self.send(&format!(
                             "{tag} NO [PRIVACYREQUIRED] Must issue a STARTTLS command first (Failure)\r\n"
                         ))
@@ -368,7 +312,7 @@ impl Session {
                     self.authenticate(&tag, &args).await
                 }
                 "LOGIN" => {
-                    self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                    self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                     if pre_tls {
                         self.shared.violation("LOGIN before STARTTLS".to_string());
                         self.send(&format!(
@@ -412,7 +356,7 @@ impl Session {
     /// Records lines the peer sent ahead of the AUTHENTICATE result (after an optional
     /// delay that lets them arrive).
     async fn note_pipelined(&mut self) -> Io<()> {
-        let delay = *lock(&self.shared.auth_delay);
+        let delay = *lock(&self.shared.stats.auth_delay);
         if !delay.is_zero() {
             let deadline = tokio::time::Instant::now() + delay;
             loop {
@@ -424,7 +368,7 @@ impl Session {
         }
         let lines = self.conn()?.peek_lines();
         if !lines.is_empty() {
-            let mut v = lock(&self.shared.before_auth);
+            let mut v = lock(&self.shared.stats.before_auth);
             v.extend(lines.iter().map(|l| redact(l)));
         }
         Ok(())
@@ -447,7 +391,7 @@ impl Session {
                 "unexpected SASL mechanism {}",
                 mechanism.to_ascii_uppercase()
             ));
-            self.shared.failed.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
             self.send(&format!(
                 "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n"
             ))
@@ -469,7 +413,7 @@ impl Session {
                     Line::Text(l) => String::from_utf8_lossy(&l).into_owned(),
                     Line::Eof => return Ok(Flow::Close),
                     Line::TooLong => {
-                        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                         self.send(&format!("{tag} BAD Line too long\r\n")).await?;
                         return Ok(Flow::Continue);
                     }
@@ -478,7 +422,7 @@ impl Session {
         };
         if response == "*" {
             self.note_pipelined().await?;
-            self.shared.failed.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
             self.send(&format!("{tag} BAD AUTHENTICATE cancelled\r\n"))
                 .await?;
             return Ok(Flow::Continue);
@@ -493,7 +437,7 @@ impl Session {
             .is_some_and(|(email, token)| self.shared.google.check_access_token(token, email));
         if let (true, Some((email, _))) = (valid, credentials) {
             self.note_pipelined().await?;
-            self.shared.successful.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.successful.fetch_add(1, Ordering::SeqCst);
             let resp = format!(
                 "* CAPABILITY {POST_AUTH_CAPABILITY}\r\n{tag} OK {email} authenticated (Success)\r\n"
             );
@@ -510,7 +454,7 @@ impl Session {
             Line::TooLong => b"<too long>".to_vec(),
         };
         self.note_pipelined().await?;
-        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
         if answer.is_empty() {
             self.send(&format!(
                 "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n"
@@ -525,7 +469,7 @@ impl Session {
                 "non-empty line ({} bytes) received where the empty SASL response to the error challenge was required",
                 answer.len()
             ));
-            lock(&self.shared.before_auth).push(shown);
+            lock(&self.shared.stats.before_auth).push(shown);
             self.send(&format!("{tag} BAD Invalid SASL response\r\n"))
                 .await?;
         }
@@ -1079,4 +1023,12 @@ fn parse_fetch_items(spec: &str) -> Option<Vec<FetchItem>> {
         }
     }
     Some(items)
+}
+
+impl std::ops::Deref for FakeImap {
+    type Target = ServerStats;
+
+    fn deref(&self) -> &ServerStats {
+        &self.shared.stats
+    }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conn::{bind_loopback, lock, random_id, spawn_server, Conn, Line, ServerTask, Stream};
+use super::conn::{
+    bind_loopback, lock, random_id, spawn_server, Conn, Line, ServerStats, ServerTask, Stream,
+};
 use super::google::{FakeGoogle, GoogleHandle};
 use super::imap::{parse_xoauth2, redact};
 use super::pki::TestPki;
@@ -38,23 +40,17 @@ struct PopMessage {
 }
 
 struct Shared {
+    stats: Arc<ServerStats>,
     google: GoogleHandle,
     acceptor: TlsAcceptor,
     tls: PopTls,
     mailboxes: Mutex<HashMap<String, Vec<PopMessage>>>,
     next_uid: AtomicU64,
-    successful: AtomicUsize,
-    failed: AtomicUsize,
-    connections: AtomicUsize,
-    active: AtomicUsize,
-    violations: Mutex<Vec<String>>,
-    before_auth: Mutex<Vec<String>>,
-    auth_delay: Mutex<Duration>,
 }
 
 impl Shared {
     fn violation(&self, v: String) {
-        lock(&self.violations).push(format!("POP3: {v}"));
+        lock(&self.stats.violations).push(format!("POP3: {v}"));
     }
 }
 
@@ -67,18 +63,12 @@ pub struct FakePop3 {
 impl FakePop3 {
     pub async fn start(google: &FakeGoogle, pki: &TestPki, tls: PopTls) -> FakePop3 {
         let shared = Arc::new(Shared {
+            stats: Arc::default(),
             google: google.shared(),
             acceptor: TlsAcceptor::from(pki.server_config()),
             tls,
             mailboxes: Mutex::new(HashMap::new()),
             next_uid: AtomicU64::new(0x18c5_f2a3_b4d5_0000),
-            successful: AtomicUsize::new(0),
-            failed: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
-            violations: Mutex::new(Vec::new()),
-            before_auth: Mutex::new(Vec::new()),
-            auth_delay: Mutex::new(Duration::ZERO),
         });
         let (listener, addr) = bind_loopback().await;
         let s = shared.clone();
@@ -112,52 +102,10 @@ impl FakePop3 {
             .get(&email.to_ascii_lowercase())
             .map_or(0, Vec::len)
     }
-
-    pub fn successful_logins(&self) -> usize {
-        self.shared.successful.load(Ordering::SeqCst)
-    }
-
-    /// Failed AUTH / PASS attempts (counted when the final -ERR is sent).
-    pub fn failed_logins(&self) -> usize {
-        self.shared.failed.load(Ordering::SeqCst)
-    }
-
-    pub fn protocol_violations(&self) -> Vec<String> {
-        lock(&self.shared.violations).clone()
-    }
-
-    pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
-    }
-
-    pub fn active_connections(&self) -> usize {
-        self.shared.active.load(Ordering::SeqCst)
-    }
-
-    /// Lines that had arrived (beyond what the SASL exchange needed) when an AUTH result was
-    /// about to be sent. Credentials are redacted.
-    pub fn received_before_auth_result(&self) -> Vec<String> {
-        lock(&self.shared.before_auth).clone()
-    }
-
-    /// Wait this long before answering each AUTH (see `FakeImap::set_auth_delay`).
-    pub fn set_auth_delay(&self, d: Duration) {
-        *lock(&self.shared.auth_delay) = d;
-    }
-}
-
-struct ActiveGuard(Arc<Shared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 async fn handle_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    shared.connections.fetch_add(1, Ordering::SeqCst);
-    shared.active.fetch_add(1, Ordering::SeqCst);
-    let _guard = ActiveGuard(shared.clone());
+    let _open = shared.stats.open();
     let conn = match shared.tls {
         PopTls::Implicit => match Conn::accept_tls(tcp, &shared.acceptor).await {
             Ok(c) => c,
@@ -319,7 +267,7 @@ impl Session {
             "AUTH" | "USER" | "PASS" if self.user.is_none() && pre_tls => {
                 self.shared.violation(format!("{verb} before STLS"));
                 if verb == "AUTH" || verb == "PASS" {
-                    self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                    self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                 }
                 self.reply("-ERR [SYS/PERM] STLS required").await?;
             }
@@ -333,7 +281,7 @@ impl Session {
                     self.reply("-ERR [AUTH] USER first").await?;
                 } else {
                     self.pending_user = false;
-                    self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                    self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                     self.reply(APP_PASSWORD_ERR).await?;
                 }
             }
@@ -344,7 +292,7 @@ impl Session {
     }
 
     async fn note_pipelined(&mut self) -> Io<()> {
-        let delay = *lock(&self.shared.auth_delay);
+        let delay = *lock(&self.shared.stats.auth_delay);
         if !delay.is_zero() {
             let deadline = tokio::time::Instant::now() + delay;
             loop {
@@ -356,7 +304,7 @@ impl Session {
         }
         let lines = self.conn()?.peek_lines();
         if !lines.is_empty() {
-            lock(&self.shared.before_auth).extend(lines.iter().map(|l| redact(l)));
+            lock(&self.shared.stats.before_auth).extend(lines.iter().map(|l| redact(l)));
         }
         Ok(())
     }
@@ -377,7 +325,7 @@ impl Session {
         if mechanism != "XOAUTH2" {
             self.shared
                 .violation(format!("unexpected AUTH mechanism {mechanism}"));
-            self.shared.failed.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
             self.reply("-ERR [AUTH] Invalid credentials.").await?;
             return Ok(Flow::Continue);
         }
@@ -389,7 +337,7 @@ impl Session {
                     Line::Text(l) => String::from_utf8_lossy(&l).into_owned(),
                     Line::Eof => return Ok(Flow::Close),
                     Line::TooLong => {
-                        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                         self.reply("-ERR line too long").await?;
                         return Ok(Flow::Close);
                     }
@@ -411,7 +359,7 @@ impl Session {
             .is_some_and(|(email, token)| self.shared.google.check_access_token(token, email));
         if let (true, Some((email, _))) = (valid, credentials) {
             self.note_pipelined().await?;
-            self.shared.successful.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.successful.fetch_add(1, Ordering::SeqCst);
             let key = email.to_ascii_lowercase();
             self.maildrop = lock(&self.shared.mailboxes)
                 .get(&key)
@@ -429,7 +377,7 @@ impl Session {
             Line::TooLong => b"<too long>".to_vec(),
         };
         self.note_pipelined().await?;
-        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
         if answer.is_empty() {
             self.reply("-ERR [AUTH] Invalid credentials.").await?;
         } else if answer == b"*" {
@@ -439,7 +387,7 @@ impl Session {
                 "non-empty line ({} bytes) received where the empty SASL response to the error challenge was required",
                 answer.len()
             ));
-            lock(&self.shared.before_auth).push(redact(&String::from_utf8_lossy(&answer)));
+            lock(&self.shared.stats.before_auth).push(redact(&String::from_utf8_lossy(&answer)));
             self.reply("-ERR [AUTH] Invalid credentials.").await?;
         }
         Ok(Flow::Continue)
@@ -552,5 +500,13 @@ impl Session {
             _ => self.reply("-ERR bad command").await?,
         }
         Ok(Flow::Continue)
+    }
+}
+
+impl std::ops::Deref for FakePop3 {
+    type Target = ServerStats;
+
+    fn deref(&self) -> &ServerStats {
+        &self.shared.stats
     }
 }

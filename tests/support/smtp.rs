@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conn::{bind_loopback, lock, random_id, spawn_server, Conn, Line, ServerTask, Stream};
+use super::conn::{
+    bind_loopback, lock, random_id, spawn_server, Conn, Line, ServerStats, ServerTask, Stream,
+};
 use super::google::{FakeGoogle, GoogleHandle};
 use super::imap::{parse_xoauth2, redact};
 use super::pki::TestPki;
@@ -50,23 +52,17 @@ pub struct ReceivedMessage {
 }
 
 struct Shared {
+    stats: Arc<ServerStats>,
     google: GoogleHandle,
     acceptor: TlsAcceptor,
     mode: SmtpMode,
     messages: Mutex<Vec<ReceivedMessage>>,
-    successful: AtomicUsize,
-    failed: AtomicUsize,
-    connections: AtomicUsize,
-    active: AtomicUsize,
-    violations: Mutex<Vec<String>>,
-    before_auth: Mutex<Vec<String>>,
     close_mid_data: Mutex<Option<usize>>,
-    auth_delay: Mutex<Duration>,
 }
 
 impl Shared {
     fn violation(&self, v: String) {
-        lock(&self.violations).push(format!("SMTP: {v}"));
+        lock(&self.stats.violations).push(format!("SMTP: {v}"));
     }
 }
 
@@ -79,18 +75,12 @@ pub struct FakeSmtp {
 impl FakeSmtp {
     pub async fn start(google: &FakeGoogle, pki: &TestPki, mode: SmtpMode) -> FakeSmtp {
         let shared = Arc::new(Shared {
+            stats: Arc::default(),
             google: google.shared(),
             acceptor: TlsAcceptor::from(pki.server_config()),
             mode,
             messages: Mutex::new(Vec::new()),
-            successful: AtomicUsize::new(0),
-            failed: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
-            violations: Mutex::new(Vec::new()),
-            before_auth: Mutex::new(Vec::new()),
             close_mid_data: Mutex::new(None),
-            auth_delay: Mutex::new(Duration::ZERO),
         });
         let (listener, addr) = bind_loopback().await;
         let s = shared.clone();
@@ -107,57 +97,15 @@ impl FakeSmtp {
         lock(&self.shared.messages).clone()
     }
 
-    pub fn successful_logins(&self) -> usize {
-        self.shared.successful.load(Ordering::SeqCst)
-    }
-
-    /// Failed AUTH attempts (counted when the final reply is sent).
-    pub fn failed_logins(&self) -> usize {
-        self.shared.failed.load(Ordering::SeqCst)
-    }
-
-    pub fn protocol_violations(&self) -> Vec<String> {
-        lock(&self.shared.violations).clone()
-    }
-
     /// Drop the connection (no reply, no TLS close_notify) once this many bytes of message
     /// content (DATA or BDAT) have been received. `None` (default) disables.
     pub fn set_close_mid_data(&self, after_bytes: Option<usize>) {
         *lock(&self.shared.close_mid_data) = after_bytes;
     }
-
-    pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
-    }
-
-    pub fn active_connections(&self) -> usize {
-        self.shared.active.load(Ordering::SeqCst)
-    }
-
-    /// Lines that had arrived (beyond what the SASL exchange needed) when an AUTH result was
-    /// about to be sent. Credentials are redacted.
-    pub fn received_before_auth_result(&self) -> Vec<String> {
-        lock(&self.shared.before_auth).clone()
-    }
-
-    /// Wait this long before answering each AUTH (see `FakeImap::set_auth_delay`).
-    pub fn set_auth_delay(&self, d: Duration) {
-        *lock(&self.shared.auth_delay) = d;
-    }
-}
-
-struct ActiveGuard(Arc<Shared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 async fn handle_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    shared.connections.fetch_add(1, Ordering::SeqCst);
-    shared.active.fetch_add(1, Ordering::SeqCst);
-    let _guard = ActiveGuard(shared.clone());
+    let _open = shared.stats.open();
     let conn = match shared.mode {
         SmtpMode::Implicit => match Conn::accept_tls(tcp, &shared.acceptor).await {
             Ok(c) => c,
@@ -483,7 +431,7 @@ impl Session {
     }
 
     async fn note_pipelined(&mut self) -> Io<()> {
-        let delay = *lock(&self.shared.auth_delay);
+        let delay = *lock(&self.shared.stats.auth_delay);
         if !delay.is_zero() {
             let deadline = tokio::time::Instant::now() + delay;
             loop {
@@ -495,14 +443,14 @@ impl Session {
         }
         let lines = self.conn()?.peek_lines();
         if !lines.is_empty() {
-            lock(&self.shared.before_auth).extend(lines.iter().map(|l| redact(l)));
+            lock(&self.shared.stats.before_auth).extend(lines.iter().map(|l| redact(l)));
         }
         Ok(())
     }
 
     async fn bad_credentials(&mut self) -> Io<()> {
         let id = self.id.clone();
-        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
         self.reply(&format!(
             "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials {id} - gsmtp"
         ))
@@ -533,7 +481,7 @@ impl Session {
         if mechanism != "XOAUTH2" {
             self.shared
                 .violation(format!("unexpected AUTH mechanism {mechanism}"));
-            self.shared.failed.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
             self.reply(&format!(
                 "504 5.7.4 Unrecognized authentication type. {id} - gsmtp"
             ))
@@ -546,7 +494,7 @@ impl Session {
                     "inline XOAUTH2 initial response of {} octets (Gmail refuses > {MAX_INLINE_IR}; use the two-step form)",
                     ir.len()
                 ));
-                self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                 self.reply(&format!(
                     "555-5.5.2 Syntax error, command line too long. For more information, go to\r\n555 5.5.2  https://support.google.com/a/answer/3221692 {id} - gsmtp"
                 ))
@@ -560,7 +508,7 @@ impl Session {
                     Line::Text(l) => String::from_utf8_lossy(&l).into_owned(),
                     Line::Eof => return Ok(Flow::Close),
                     Line::TooLong => {
-                        self.shared.failed.fetch_add(1, Ordering::SeqCst);
+                        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
                         self.reply(&format!("500 5.5.2 Line too long. {id} - gsmtp"))
                             .await?;
                         return Ok(Flow::Close);
@@ -584,7 +532,7 @@ impl Session {
             .is_some_and(|(email, token)| self.shared.google.check_access_token(token, email));
         if let (true, Some((email, _))) = (valid, credentials) {
             self.note_pipelined().await?;
-            self.shared.successful.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.successful.fetch_add(1, Ordering::SeqCst);
             self.user = Some(email);
             self.reply("235 2.7.0 Accepted").await?;
             return Ok(Flow::Continue);
@@ -600,7 +548,7 @@ impl Session {
         if answer.is_empty() {
             self.bad_credentials().await?;
         } else if answer == b"*" {
-            self.shared.failed.fetch_add(1, Ordering::SeqCst);
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
             self.reply(&format!("501 5.7.0 Authentication cancelled. {id} - gsmtp"))
                 .await?;
         } else {
@@ -608,8 +556,8 @@ impl Session {
                 "non-empty line ({} bytes) received where the empty SASL response to the error challenge was required",
                 answer.len()
             ));
-            lock(&self.shared.before_auth).push(redact(&String::from_utf8_lossy(&answer)));
-            self.shared.failed.fetch_add(1, Ordering::SeqCst);
+            lock(&self.shared.stats.before_auth).push(redact(&String::from_utf8_lossy(&answer)));
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
             self.reply(&format!("501 5.5.2 Cannot Decode response {id} - gsmtp"))
                 .await?;
         }
@@ -779,5 +727,13 @@ impl Session {
         self.reset_transaction();
         self.reply(&format!("250 2.0.0 OK  {id} - gsmtp")).await?;
         Ok(Flow::Continue)
+    }
+}
+
+impl std::ops::Deref for FakeSmtp {
+    type Target = ServerStats;
+
+    fn deref(&self) -> &ServerStats {
+        &self.shared.stats
     }
 }
