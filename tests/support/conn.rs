@@ -363,6 +363,25 @@ impl ServerStats {
         *lock(&self.auth_delay) = d;
     }
 
+    /// Before answering an authentication: wait the configured delay while reading, then
+    /// record (redacted) any lines the client has already sent after it.
+    pub async fn note_pipelined(&self, conn: &mut Conn) {
+        let delay = *lock(&self.auth_delay);
+        if !delay.is_zero() {
+            let deadline = tokio::time::Instant::now() + delay;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() || !conn.fill_within(left).await {
+                    break;
+                }
+            }
+        }
+        let lines = conn.peek_lines();
+        if !lines.is_empty() {
+            lock(&self.before_auth).extend(lines.iter().map(|l| super::imap::redact(l)));
+        }
+    }
+
     /// Count a new connection as open until the returned guard is dropped.
     pub fn open(self: &Arc<Self>) -> ActiveGuard {
         self.connections.fetch_add(1, Ordering::SeqCst);

@@ -292,20 +292,8 @@ impl Session {
     }
 
     async fn note_pipelined(&mut self) -> Io<()> {
-        let delay = *lock(&self.shared.stats.auth_delay);
-        if !delay.is_zero() {
-            let deadline = tokio::time::Instant::now() + delay;
-            loop {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() || !self.conn()?.fill_within(left).await {
-                    break;
-                }
-            }
-        }
-        let lines = self.conn()?.peek_lines();
-        if !lines.is_empty() {
-            lock(&self.shared.stats.before_auth).extend(lines.iter().map(|l| redact(l)));
-        }
+        let stats = self.shared.stats.clone();
+        stats.note_pipelined(self.conn()?).await;
         Ok(())
     }
 
