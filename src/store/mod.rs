@@ -1,32 +1,25 @@
-//! The secret store: one AEAD-encrypted file (`store.enc`, XChaCha20-Poly1305) in the state
-//! directory holding refresh tokens and Argon2id password hashes, with its key in `master.key`,
-//! a configured key file, or the OS keyring. Writers take an exclusive lock on `store.lock`,
-//! re-read, change and replace the file atomically (temp file, fsync, rename), so concurrent
-//! processes never lose an update and a writer killed midway leaves the old file; readers notice
-//! a replaced file by its metadata and reload.
+//! Where secrets live: refresh tokens and Argon2id password hashes, always sealed with the
+//! master key before they leave the process. [`Store`] is the one seam the rest of the program
+//! talks to; a [`Backend`] (today the encrypted file, `file.rs`) is what it talks through, so
+//! another engine is one more file here.
 
+pub mod file;
+pub mod key;
 pub mod os_keyring;
 pub mod password;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
 use crate::config::{normalize_email, StoreConfig, StoreKind};
 use crate::secret::Secret;
 
-const MAGIC: &[u8; 8] = b"XO2PST01";
-const NONCE_LEN: usize = 24;
-const STORE_FILE: &str = "store.enc";
-const LOCK_FILE: &str = "store.lock";
 const KEY_FILE: &str = "master.key";
 
 #[derive(Debug, thiserror::Error)]
@@ -94,185 +87,113 @@ impl StoreData {
     }
 }
 
-/// Identifies one version of the store file, to notice another process's write cheaply.
+/// Identifies one version of the stored data, to notice another process's write cheaply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
-    ino: u64,
-    mtime_ns: i128,
-    len: u64,
+    a: u64,
+    b: i128,
+    c: u64,
 }
 
+impl Stamp {
+    /// Any three numbers that together change whenever the data does.
+    pub(crate) fn new(a: u64, b: i128, c: u64) -> Stamp {
+        Stamp { a, b, c }
+    }
+}
+
+/// A change to apply to the newest data under the backend's write lock.
+pub type Change<'a> = &'a mut dyn FnMut(&mut StoreData) -> Result<(), StoreError>;
+
+/// One place secrets can live. Every backend seals secrets with the master key before they
+/// leave the process, serializes concurrent writers, and lets readers notice changes cheaply.
+pub trait Backend: Send + Sync {
+    /// For messages: where the secrets are.
+    fn describe(&self) -> String;
+    /// The current version, or None if nothing was written yet. Cheap: called on every login.
+    fn stamp(&self) -> Result<Option<Stamp>, StoreError>;
+    /// The newest data (empty if nothing was written yet), with its stamp.
+    fn load(&self) -> Result<(StoreData, Option<Stamp>), StoreError>;
+    /// Apply `change` to the newest data, atomically with respect to every other writer.
+    fn update(&self, change: Change<'_>) -> Result<(), StoreError>;
+}
+
+/// The store as the program sees it, whatever the backend.
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
-    key: Zeroizing<[u8; 32]>,
+    backend: Arc<dyn Backend>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("dir", &self.dir)
+            .field("backend", &self.backend.describe())
             .finish_non_exhaustive()
     }
 }
 
 impl Store {
-    /// Open (creating on first use) the store in `dir` with the key from the configured source.
+    /// Open (creating on first use) the configured store, with the key from its source.
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
         ensure_private_dir(dir)?;
         let key = match (&config.key_file, config.kind) {
-            (Some(path), _) => read_key_file(path)?,
-            (None, StoreKind::File) => load_or_create_key_file(&dir.join(KEY_FILE))?,
+            (Some(path), _) => key::read_key_file(path)?,
+            (None, StoreKind::File) => key::load_or_create_key_file(&dir.join(KEY_FILE))?,
             (None, StoreKind::Keyring) => {
                 // Under the store lock: two processes creating the key at once must agree.
-                let _lock = lock_dir(dir)?;
+                let _lock = file::lock_dir(dir)?;
                 os_keyring::load_or_create(dir)?
             }
         };
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            key,
-        })
+        let backend = file::FileBackend::new(dir, key::MasterKey::from_bytes(key));
+        Ok(Store::with_backend(dir, Arc::new(backend)))
     }
 
+    /// A store on the given backend; `dir` is the state dir (status files, locks of commands).
+    pub fn with_backend(dir: &Path, backend: Arc<dyn Backend>) -> Store {
+        Store {
+            dir: dir.to_path_buf(),
+            backend,
+        }
+    }
+
+    /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn store_path(&self) -> PathBuf {
-        self.dir.join(STORE_FILE)
+    /// Where the secrets are, for messages.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
     }
 
-    /// The current file's identity, or None if nothing was written yet.
+    /// The current version, or None if nothing was written yet.
     pub fn stamp(&self) -> Result<Option<Stamp>, StoreError> {
-        let path = self.store_path();
-        match fs::metadata(&path) {
-            Ok(m) => Ok(Some(Stamp {
-                ino: m.ino(),
-                mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-                len: m.len(),
-            })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        self.backend.stamp()
     }
 
-    /// Read and decrypt the store (empty if it does not exist yet), with the stamp it had.
+    /// The newest data (empty if nothing was written yet), with its stamp.
     pub fn load(&self) -> Result<(StoreData, Option<Stamp>), StoreError> {
-        let path = self.store_path();
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((StoreData::default(), None))
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let meta = file.metadata().map_err(io_err(&path))?;
-        check_private(&path, &meta)?;
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
-        let stamp = Stamp {
-            ino: meta.ino(),
-            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-            len: meta.len(),
-        };
-        Ok((self.decrypt(&path, &bytes)?, Some(stamp)))
+        self.backend.load()
     }
 
-    /// Apply `change` to the newest store under an exclusive lock and write it back atomically.
+    /// Apply `change` to the newest data and write it back, atomically for every writer.
     pub fn update<T>(
         &self,
         change: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _lock = lock_dir(&self.dir)?;
-        self.remove_stale_temp_files();
-        let (mut data, _) = self.load()?;
-        let out = change(&mut data)?;
-        self.write(&data)?;
-        // The lock is released when `lock` is dropped (also if anything above failed).
-        Ok(out)
+        let mut change = Some(change);
+        let mut out = None;
+        self.backend.update(&mut |data| {
+            let f = change
+                .take()
+                .ok_or_else(|| StoreError::Other("store change applied twice".into()))?;
+            out = Some(f(data)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Other("store change was not applied".into()))
     }
-
-    /// Temp files of writers that were killed before their rename. Only the lock holder
-    /// writes, so with the lock held every such file is stale.
-    fn remove_stale_temp_files(&self) {
-        let prefix = format!(".{STORE_FILE}.");
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(&prefix) && name.ends_with(".tmp") {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    fn write(&self, data: &StoreData) -> Result<(), StoreError> {
-        let path = self.store_path();
-        let plain = Zeroizing::new(
-            serde_json::to_vec(data)
-                .map_err(|e| StoreError::Other(format!("encoding store: {e}")))?,
-        );
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let cipher = XChaCha20Poly1305::new(self.key.as_ref().into());
-        let sealed = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: MAGIC,
-                },
-            )
-            .map_err(|_| StoreError::Other("encryption failed".into()))?;
-        let mut out = Vec::with_capacity(MAGIC.len() + NONCE_LEN + sealed.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        write_atomic(&path, &out)
-    }
-
-    fn decrypt(&self, path: &Path, bytes: &[u8]) -> Result<StoreData, StoreError> {
-        if bytes.len() < MAGIC.len() + NONCE_LEN || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(StoreError::Format {
-                path: path.to_path_buf(),
-            });
-        }
-        let nonce = &bytes[MAGIC.len()..MAGIC.len() + NONCE_LEN];
-        let cipher = XChaCha20Poly1305::new(self.key.as_ref().into());
-        let plain = Zeroizing::new(
-            cipher
-                .decrypt(
-                    XNonce::from_slice(nonce),
-                    Payload {
-                        msg: &bytes[MAGIC.len() + NONCE_LEN..],
-                        aad: MAGIC,
-                    },
-                )
-                .map_err(|_| StoreError::Decrypt {
-                    path: path.to_path_buf(),
-                })?,
-        );
-        serde_json::from_slice(&plain).map_err(|_| StoreError::Format {
-            path: path.to_path_buf(),
-        })
-    }
-}
-
-/// The exclusive lock on the store's folder, held until the returned file is dropped (also
-/// when the process dies: it is an flock).
-fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    let lock_path = dir.join(LOCK_FILE);
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
-    Ok(lock)
 }
 
 /// Write `bytes` to `path` so that a reader sees either the old or the new file, never a mix:
@@ -309,9 +230,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result
 }
 
+/// The state dir, created 0700 if missing. An existing one that another user could write to is
+/// refused, as ssh's StrictModes does: whoever can write there can swap the store or the key.
 fn ensure_private_dir(dir: &Path) -> Result<(), StoreError> {
     match fs::metadata(dir) {
-        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.is_dir() => check_dir_strict(dir, &m),
         Ok(_) => Err(StoreError::Other(format!(
             "state_dir {} exists and is not a folder",
             dir.display()
@@ -328,6 +251,26 @@ fn ensure_private_dir(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
+fn check_dir_strict(dir: &Path, meta: &fs::Metadata) -> Result<(), StoreError> {
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(StoreError::Other(format!(
+            "state_dir {dir} can be written by group or others (mode {mode:o}); run `chmod 700 {dir}`",
+            dir = dir.display()
+        )));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(StoreError::Other(format!(
+            "state_dir {dir} belongs to user id {owner}, not to this user ({me}); run `chown {me} {dir}` or use a state_dir of your own",
+            dir = dir.display(),
+            owner = meta.uid()
+        )));
+    }
+    Ok(())
+}
+
 fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), StoreError> {
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -339,63 +282,9 @@ fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn parse_key(path: &Path, bytes: &[u8]) -> Result<Zeroizing<[u8; 32]>, StoreError> {
-    let text = std::str::from_utf8(bytes).unwrap_or("").trim();
-    let mut key = Zeroizing::new([0u8; 32]);
-    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-            let hex = std::str::from_utf8(chunk).unwrap_or("00");
-            key[i] = u8::from_str_radix(hex, 16).unwrap_or(0);
-        }
-        Ok(key)
-    } else if bytes.len() == 32 {
-        key.copy_from_slice(bytes);
-        Ok(key)
-    } else {
-        Err(StoreError::Key(format!(
-            "{} is not a master key (expected 64 hex characters)",
-            path.display()
-        )))
-    }
-}
-
-fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, StoreError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let meta = f.metadata().map_err(io_err(path))?;
-    check_private(path, &meta)?;
-    let mut bytes = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut bytes).map_err(io_err(path))?;
-    parse_key(path, &bytes)
-}
-
-fn load_or_create_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, StoreError> {
-    match read_key_file(path) {
-        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
-        other => return other,
-    }
-    let mut key = Zeroizing::new([0u8; 32]);
-    rand::rngs::OsRng.fill_bytes(key.as_mut());
-    let hex: Zeroizing<String> = Zeroizing::new(key.iter().map(|b| format!("{b:02x}")).collect());
-    // create_new: if another process won the race, use its key instead of ours.
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(format!("{}\n", hex.as_str()).as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(io_err(path))?;
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_key_file(path),
-        Err(e) => Err(io_err(path)(e)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::file::STORE_FILE;
     use super::*;
 
     fn file_store(dir: &Path) -> Store {
@@ -515,5 +404,30 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(file_store(&dir).load().unwrap().0.accounts.len(), 16);
+    }
+
+    #[test]
+    fn refuses_a_state_dir_others_can_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Store::open(
+            &dir,
+            &StoreConfig {
+                kind: StoreKind::File,
+                key_file: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("can be written by group or others"), "{err}");
+        assert!(
+            err.contains(&format!("chmod 700 {}", dir.display())),
+            "{err}"
+        );
+        assert!(!dir.join(KEY_FILE).exists(), "nothing is written into it");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
+        file_store(&dir);
     }
 }

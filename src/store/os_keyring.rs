@@ -8,7 +8,8 @@ use std::path::Path;
 use rand::RngCore;
 use zeroize::Zeroizing;
 
-use super::{parse_key, StoreError};
+use super::key::parse_key;
+use super::StoreError;
 
 /// The keyring entry's service name.
 pub const SERVICE: &str = "xoauth2-proxy";
@@ -45,7 +46,7 @@ pub(crate) fn key_from_entry(
         Err(keyring::Error::NoEntry) => {}
         Err(e) => return Err(keyring_error(dir, e)),
     }
-    let store_file = dir.join(super::STORE_FILE);
+    let store_file = dir.join(super::file::STORE_FILE);
     if store_file.exists() {
         let hint = if dir.join(super::KEY_FILE).exists() {
             format!(
@@ -125,7 +126,7 @@ mod tests {
     #[test]
     fn a_missing_key_is_not_replaced_when_a_store_needs_the_old_one() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join(super::super::STORE_FILE), b"x").unwrap();
+        std::fs::write(tmp.path().join(super::super::file::STORE_FILE), b"x").unwrap();
         let entry = mock_entry();
         let err = key_from_entry(&entry, tmp.path()).unwrap_err().to_string();
         assert!(err.contains("a new key would not open it"), "{err}");
