@@ -301,164 +301,29 @@ impl Config {
             path: path.to_path_buf(),
             message: one_line_toml_error(&e),
         })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        };
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| PathBuf::from("."));
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-
+        let cx = Context::new(path);
         let state_dir = match &raw.state_dir {
-            Some(p) => resolve(p),
+            Some(p) => cx.resolve(p),
             None => default_state_dir().ok_or_else(|| {
-                invalid("state_dir is not set and neither XDG_STATE_HOME nor HOME is".into())
+                cx.invalid("state_dir is not set and neither XDG_STATE_HOME nor HOME is".into())
             })?,
         };
-
         let tls = raw.tls.as_ref().map(|t| TlsFiles {
-            cert: resolve(&t.cert),
-            key: resolve(&t.key),
+            cert: cx.resolve(&t.cert),
+            key: cx.resolve(&t.key),
         });
-
-        let mut listeners = Vec::new();
-        let mut binds = HashSet::new();
-        for (i, l) in raw.listener.iter().enumerate() {
-            let which = format!("listener #{} ({} on {})", i + 1, l.protocol.name(), l.bind);
-            let bind: SocketAddr = l.bind.parse().map_err(|_| {
-                invalid(format!(
-                    "{which}: bind must be IP:PORT such as 127.0.0.1:1143 or [::1]:1143"
-                ))
-            })?;
-            // Port 0 (tests, `check`) asks the OS for a fresh port each time: no clash.
-            if bind.port() != 0 && !binds.insert(bind) {
-                return Err(invalid(format!(
-                    "{which}: another listener already binds {bind}"
-                )));
-            }
-            if l.local_tls != LocalTls::None && tls.is_none() {
-                return Err(invalid(format!(
-                    "{which}: local_tls = {:?} needs a [tls] section with cert and key (run `xoauth2-proxy cert` to make them)",
-                    l.local_tls
-                )
-                .replace("Starttls", "\"starttls\"")
-                .replace("Implicit", "\"implicit\"")));
-            }
-            if l.local_tls == LocalTls::None
-                && !bind.ip().is_loopback()
-                && !l.allow_plaintext_remote
-            {
-                return Err(invalid(format!(
-                    "{which}: local_tls = \"none\" on a non-loopback address would send passwords in clear; use local_tls = \"starttls\" or \"implicit\", or set allow_plaintext_remote = true"
-                )));
-            }
-            let upstream = l
-                .upstream
-                .clone()
-                .unwrap_or_else(|| l.protocol.default_upstream().to_string());
-            let (host, port) = split_host_port(&upstream).ok_or_else(|| {
-                invalid(format!(
-                    "{which}: upstream must be HOST:PORT, got {upstream:?}"
-                ))
-            })?;
-            listeners.push(ListenerConfig {
-                protocol: l.protocol,
-                bind,
-                local_tls: l.local_tls,
-                upstream_host: host,
-                upstream_port: port,
-                upstream_tls: l.upstream_tls,
-                upstream_ca: l.upstream_ca.as_deref().map(resolve),
-            });
-        }
-
-        let g = raw.providers.google.unwrap_or_default();
-        let google = GoogleConfig {
-            client_id: g.client_id.filter(|s| !s.trim().is_empty()),
-            client_secret: g.client_secret.filter(|s| !s.is_empty()),
-            auth_url: g.auth_url.unwrap_or_else(|| GOOGLE_AUTH_URL.to_string()),
-            token_url: g.token_url.unwrap_or_else(|| GOOGLE_TOKEN_URL.to_string()),
-            scope: g.scope.unwrap_or_else(|| GMAIL_SCOPE.to_string()),
-        };
-        for (key, url) in [
-            ("auth_url", &google.auth_url),
-            ("token_url", &google.token_url),
-        ] {
-            check_endpoint_url(url)
-                .map_err(|m| invalid(format!("[providers.google] {key} = {url:?}: {m}")))?;
-        }
-
-        let mut accounts = Vec::new();
-        let mut emails = HashSet::new();
-        for a in &raw.account {
-            let email = a.email.trim().to_string();
-            if !is_plausible_email(&email) {
-                return Err(invalid(format!(
-                    "[[account]] email = {:?} is not an email address",
-                    a.email
-                )));
-            }
-            if !emails.insert(normalize_email(&email)) {
-                return Err(invalid(format!("[[account]] {email} is listed twice")));
-            }
-            accounts.push(AccountConfig {
-                email,
-                client_id: a.client_id.clone().filter(|s| !s.trim().is_empty()),
-                client_secret: a.client_secret.clone().filter(|s| !s.is_empty()),
-                service_account_key: a.service_account_key.as_deref().map(resolve),
-            });
-        }
-
-        let d = Limits::default();
-        let limits = Limits {
-            max_connections: raw
-                .limits
-                .max_connections
-                .unwrap_or(d.max_connections)
-                .max(1),
-            preauth_timeout: raw
-                .limits
-                .preauth_timeout_secs
-                .map(Duration::from_secs)
-                .unwrap_or(d.preauth_timeout),
-            upstream_timeout: raw
-                .limits
-                .upstream_timeout_secs
-                .map(Duration::from_secs)
-                .unwrap_or(d.upstream_timeout),
-            shutdown_grace: raw
-                .limits
-                .shutdown_grace_secs
-                .map(Duration::from_secs)
-                .unwrap_or(d.shutdown_grace),
-            imap_connections_per_account: raw
-                .limits
-                .imap_connections_per_account
-                .unwrap_or(d.imap_connections_per_account)
-                .max(1),
-        };
-
         Ok(Config {
             path: path.to_path_buf(),
             state_dir,
             store: StoreConfig {
                 kind: raw.store.kind,
-                key_file: raw.store.key_file.as_deref().map(resolve),
+                key_file: raw.store.key_file.as_deref().map(|p| cx.resolve(p)),
             },
+            listeners: listeners(&raw.listener, tls.is_some(), &cx)?,
             tls,
-            listeners,
-            google,
-            accounts,
-            limits,
+            google: google(raw.providers.google.unwrap_or_default(), &cx)?,
+            accounts: accounts(&raw.account, &cx)?,
+            limits: limits(&raw.limits, &cx)?,
         })
     }
 
@@ -501,6 +366,170 @@ pub struct OAuthClient {
     pub auth_url: String,
     pub token_url: String,
     pub scope: String,
+}
+
+/// Where the config came from: for error messages and relative paths.
+struct Context {
+    path: PathBuf,
+    base: PathBuf,
+}
+
+impl Context {
+    fn new(path: &Path) -> Context {
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        Context {
+            path: path.to_path_buf(),
+            base,
+        }
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    /// A path from the config, relative to the config file's folder.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+fn listeners(
+    raw: &[RawListener],
+    have_tls: bool,
+    cx: &Context,
+) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let mut listeners = Vec::new();
+    let mut binds = HashSet::new();
+    for (i, l) in raw.iter().enumerate() {
+        let which = format!("listener #{} ({} on {})", i + 1, l.protocol.name(), l.bind);
+        let bind: SocketAddr = l.bind.parse().map_err(|_| {
+            cx.invalid(format!(
+                "{which}: bind must be IP:PORT such as 127.0.0.1:1143 or [::1]:1143"
+            ))
+        })?;
+        // Port 0 (tests, `check`) asks the OS for a fresh port each time: no clash.
+        if bind.port() != 0 && !binds.insert(bind) {
+            return Err(cx.invalid(format!("{which}: another listener already binds {bind}")));
+        }
+        if l.local_tls != LocalTls::None && !have_tls {
+            return Err(cx.invalid(format!(
+                    "{which}: local_tls = {:?} needs a [tls] section with cert and key (run `xoauth2-proxy cert` to make them)",
+                    l.local_tls
+                )
+                .replace("Starttls", "\"starttls\"")
+                .replace("Implicit", "\"implicit\"")));
+        }
+        if l.local_tls == LocalTls::None && !bind.ip().is_loopback() && !l.allow_plaintext_remote {
+            return Err(cx.invalid(format!(
+                    "{which}: local_tls = \"none\" on a non-loopback address would send passwords in clear; use local_tls = \"starttls\" or \"implicit\", or set allow_plaintext_remote = true"
+                )));
+        }
+        let upstream = l
+            .upstream
+            .clone()
+            .unwrap_or_else(|| l.protocol.default_upstream().to_string());
+        let (host, port) = split_host_port(&upstream).ok_or_else(|| {
+            cx.invalid(format!(
+                "{which}: upstream must be HOST:PORT, got {upstream:?}"
+            ))
+        })?;
+        listeners.push(ListenerConfig {
+            protocol: l.protocol,
+            bind,
+            local_tls: l.local_tls,
+            upstream_host: host,
+            upstream_port: port,
+            upstream_tls: l.upstream_tls,
+            upstream_ca: l.upstream_ca.as_deref().map(|p| cx.resolve(p)),
+        });
+    }
+
+    Ok(listeners)
+}
+
+fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {
+    let google = GoogleConfig {
+        client_id: g.client_id.filter(|s| !s.trim().is_empty()),
+        client_secret: g.client_secret.filter(|s| !s.is_empty()),
+        auth_url: g.auth_url.unwrap_or_else(|| GOOGLE_AUTH_URL.to_string()),
+        token_url: g.token_url.unwrap_or_else(|| GOOGLE_TOKEN_URL.to_string()),
+        scope: g.scope.unwrap_or_else(|| GMAIL_SCOPE.to_string()),
+    };
+    for (key, url) in [
+        ("auth_url", &google.auth_url),
+        ("token_url", &google.token_url),
+    ] {
+        check_endpoint_url(url)
+            .map_err(|m| cx.invalid(format!("[providers.google] {key} = {url:?}: {m}")))?;
+    }
+
+    Ok(google)
+}
+
+fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, ConfigError> {
+    let mut accounts = Vec::new();
+    let mut emails = HashSet::new();
+    for a in raw {
+        let email = a.email.trim().to_string();
+        if !is_plausible_email(&email) {
+            return Err(cx.invalid(format!(
+                "[[account]] email = {:?} is not an email address",
+                a.email
+            )));
+        }
+        if !emails.insert(normalize_email(&email)) {
+            return Err(cx.invalid(format!("[[account]] {email} is listed twice")));
+        }
+        accounts.push(AccountConfig {
+            email,
+            client_id: a.client_id.clone().filter(|s| !s.trim().is_empty()),
+            client_secret: a.client_secret.clone().filter(|s| !s.is_empty()),
+            service_account_key: a.service_account_key.as_deref().map(|p| cx.resolve(p)),
+        });
+    }
+
+    Ok(accounts)
+}
+
+fn limits(raw: &RawLimits, cx: &Context) -> Result<Limits, ConfigError> {
+    // Zero would close every connection before its greeting: surely not what was meant.
+    if raw.preauth_timeout_secs == Some(0) {
+        return Err(cx.invalid(
+            "[limits] preauth_timeout_secs = 0 would close every connection at once; use at least 1 (the default is 60)".into(),
+        ));
+    }
+    let d = Limits::default();
+    let limits = Limits {
+        max_connections: raw.max_connections.unwrap_or(d.max_connections).max(1),
+        preauth_timeout: raw
+            .preauth_timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.preauth_timeout),
+        upstream_timeout: raw
+            .upstream_timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.upstream_timeout),
+        shutdown_grace: raw
+            .shutdown_grace_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.shutdown_grace),
+        imap_connections_per_account: raw
+            .imap_connections_per_account
+            .unwrap_or(d.imap_connections_per_account)
+            .max(1),
+    };
+    Ok(limits)
 }
 
 fn one_line_toml_error(e: &toml::de::Error) -> String {
@@ -648,6 +677,14 @@ email = "Alice@Gmail.com"
         let bad =
             "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://example.com/token\"\n";
         assert!(parse(bad).unwrap_err().to_string().contains("loopback"));
+    }
+
+    #[test]
+    fn a_zero_preauth_timeout_is_refused() {
+        let err = parse("[limits]\npreauth_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("preauth_timeout_secs = 0"), "{err}");
     }
 
     #[test]

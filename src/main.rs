@@ -167,183 +167,204 @@ fn account<'a>(config: &'a Config, email: &str) -> Result<&'a config::AccountCon
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve { config } => {
-            let config = load(&config)?;
-            if config.listeners.is_empty() {
-                return Err(format!(
-                    "{}: no [[listener]] configured",
-                    config.path.display()
-                ));
-            }
-            runtime()?.block_on(async {
-                let listeners = xoauth2_proxy::proxy::bind(&config).await?;
-                let app = xoauth2_proxy::proxy::App::new(config)?;
-                xoauth2_proxy::proxy::serve(app, listeners, shutdown_signal()).await;
-                Ok(())
-            })
-        }
-        Command::Import { email, config, .. } => {
-            let config = load(&config)?;
-            let acct = account(&config, &email)?;
-            let client = config.oauth_client(acct)?;
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| format!("cannot read standard input: {e}"))?;
-            let token = Secret::new(line.trim().to_string());
-            drop(line);
-            if token.is_empty() {
-                return Err("no refresh token on standard input".into());
-            }
-            let store = open_store(&config)?;
-            runtime()?.block_on(async {
-                let granted = xoauth2_proxy::oauth::verify_refresh_token(&client, &token)
-                    .await
-                    .map_err(|e| format!("refresh token for {} not stored: {e}", acct.email))?;
-                let stored = granted.refresh_token.as_ref().unwrap_or(&token);
-                accounts::save_grant(&store, &acct.email, stored, granted.refresh_token_expires_in)
-                    .map_err(|e| e.to_string())?;
-                println!(
-                    "Stored the refresh token for {} (checked: Google issued an access token valid for {} s).",
-                    acct.email,
-                    granted.expires_in.as_secs()
-                );
-                Ok(())
-            })
-        }
+        Command::Serve { config } => serve(&config),
+        Command::Import { email, config, .. } => import(&config, &email),
         Command::Login {
             email,
-            config: config_arg,
+            config,
             no_browser,
             timeout,
-        } => {
-            let config = load(&config_arg)?;
-            let acct = account(&config, &email)?;
-            if let Some(key) = &acct.service_account_key {
-                return Err(format!(
-                    "{} uses a service account key ({}), which needs no login; `xoauth2-proxy check{}` shows whether it works",
-                    acct.email,
-                    key.display(),
-                    config_hint(&config_arg, &config)
-                ));
-            }
-            let client = config
-                .oauth_client(acct)
-                .map_err(|e| format!("{e}. To make one: {}", flow_console_steps()))?;
-            let store = open_store(&config)?;
-            runtime()?.block_on(login(
-                &config,
-                &config_arg,
-                acct,
-                client,
-                &store,
-                !no_browser,
-                Duration::from_secs(timeout.max(1)),
-            ))
-        }
-        Command::Accounts { config, json } => {
-            let config = load(&config)?;
-            let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
-            let serve = xoauth2_proxy::oauth::status::read_live(&config.state_dir);
-            let rows = accounts::report(&config, &data, serve.as_ref(), accounts::now_unix());
-            if json {
-                let text = serde_json::to_string_pretty(&rows)
-                    .map_err(|e| format!("cannot encode JSON: {e}"))?;
-                println!("{text}");
-            } else if rows.is_empty() {
-                println!("No [[account]] in {}.", config.path.display());
-            } else {
-                print_accounts_table(&rows);
-            }
-            Ok(())
-        }
-        Command::Check { config } => {
-            let path = config::resolve_path(config.config.as_deref()).map_err(|e| e.to_string())?;
-            let (total, failed) = runtime()?.block_on(check::run(&path));
-            if failed == 0 {
-                println!("All {total} checks passed.");
-                Ok(())
-            } else {
-                Err(format!("{failed} of {total} checks failed"))
-            }
-        }
+        } => login_command(&config, &email, !no_browser, timeout),
+        Command::Accounts { config, json } => accounts_command(&config, json),
+        Command::Check { config } => check_command(&config),
         Command::Password { command } => match command {
             PasswordCommand::Add {
                 email,
                 config,
                 label,
-            } => {
-                let config = load(&config)?;
-                let acct = account(&config, &email)?;
-                let label = label.trim();
-                if label.is_empty() || label.chars().any(char::is_control) {
-                    return Err("--label must be a non-empty name".into());
-                }
-                let store = open_store(&config)?;
-                let pw = accounts::add_password(&store, &acct.email, label)
-                    .map_err(|e| e.to_string())?;
-                println!(
-                    "New app password for {} (label {label:?}). It is shown only this once; use it as the password in your mail client:",
-                    acct.email
-                );
-                println!("{}", pw.expose());
-                Ok(())
-            }
-            PasswordCommand::List { email, config } => {
-                let config = load(&config)?;
-                let acct = account(&config, &email)?;
-                let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
-                let entries = data
-                    .account(&acct.email)
-                    .map(|a| a.passwords.clone())
-                    .unwrap_or_default();
-                if entries.is_empty() {
-                    println!(
-                        "{} has no app passwords; add one with `xoauth2-proxy password add {}`",
-                        acct.email, acct.email
-                    );
-                }
-                for p in entries {
-                    println!("{}\tcreated {}", p.label, format_time(p.created_at));
-                }
-                Ok(())
-            }
+            } => password_add(&config, &email, &label),
+            PasswordCommand::List { email, config } => password_list(&config, &email),
             PasswordCommand::Remove {
                 email,
                 label,
                 config,
-            } => {
-                let config = load(&config)?;
-                let acct = account(&config, &email)?;
-                let store = open_store(&config)?;
-                if accounts::remove_password(&store, &acct.email, &label)
-                    .map_err(|e| e.to_string())?
-                {
-                    println!("Removed the password {label:?} of {}.", acct.email);
-                    Ok(())
-                } else {
-                    Err(format!("{} has no password labelled {label:?}", acct.email))
-                }
-            }
+            } => password_remove(&config, &email, &label),
         },
-        Command::Cert { config } => {
-            let config = load(&config)?;
-            let tls = config.tls.as_ref().ok_or_else(|| {
-                format!(
-                    "{}: add a [tls] section with cert and key paths first",
-                    config.path.display()
-                )
-            })?;
-            xoauth2_proxy::tls::write_self_signed(&tls.cert, &tls.key)?;
-            println!(
-                "Wrote a self-signed certificate for localhost, 127.0.0.1 and ::1:\n  certificate {}\n  key         {} (0600)",
-                tls.cert.display(),
-                tls.key.display()
-            );
-            Ok(())
-        }
+        Command::Cert { config } => cert(&config),
     }
+}
+
+fn serve(arg: &ConfigArg) -> Result<(), String> {
+    let config = load(arg)?;
+    if config.listeners.is_empty() {
+        return Err(format!(
+            "{}: no [[listener]] configured",
+            config.path.display()
+        ));
+    }
+    runtime()?.block_on(async {
+        let listeners = xoauth2_proxy::proxy::bind(&config).await?;
+        let app = xoauth2_proxy::proxy::App::new(config)?;
+        xoauth2_proxy::proxy::serve(app, listeners, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {
+    let config = load(arg)?;
+    let acct = account(&config, email)?;
+    let client = config.oauth_client(acct)?;
+    let token = read_refresh_token()?;
+    let store = open_store(&config)?;
+    runtime()?.block_on(async {
+        let granted = xoauth2_proxy::oauth::verify_refresh_token(&client, &token)
+            .await
+            .map_err(|e| format!("refresh token for {} not stored: {e}", acct.email))?;
+        let stored = granted.refresh_token.as_ref().unwrap_or(&token);
+        accounts::save_grant(&store, &acct.email, stored, granted.refresh_token_expires_in)
+            .map_err(|e| e.to_string())?;
+        println!(
+            "Stored the refresh token for {} (checked: Google issued an access token valid for {} s).",
+            acct.email,
+            granted.expires_in.as_secs()
+        );
+        Ok(())
+    })
+}
+
+/// One line of standard input, the refresh token `import` stores.
+fn read_refresh_token() -> Result<Secret, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    let token = Secret::new(line.trim().to_string());
+    zeroize::Zeroize::zeroize(&mut line);
+    if token.is_empty() {
+        return Err("no refresh token on standard input".into());
+    }
+    Ok(token)
+}
+
+fn login_command(arg: &ConfigArg, email: &str, open: bool, timeout: u64) -> Result<(), String> {
+    let config = load(arg)?;
+    let acct = account(&config, email)?;
+    if let Some(key) = &acct.service_account_key {
+        return Err(format!(
+            "{} uses a service account key ({}), which needs no login; `xoauth2-proxy check{}` shows whether it works",
+            acct.email,
+            key.display(),
+            config_hint(arg, &config)
+        ));
+    }
+    let client = config
+        .oauth_client(acct)
+        .map_err(|e| format!("{e}. To make one: {}", flow_console_steps()))?;
+    let store = open_store(&config)?;
+    runtime()?.block_on(login(
+        &config,
+        arg,
+        acct,
+        client,
+        &store,
+        open,
+        Duration::from_secs(timeout.max(1)),
+    ))
+}
+
+fn accounts_command(arg: &ConfigArg, json: bool) -> Result<(), String> {
+    let config = load(arg)?;
+    let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
+    let serve = xoauth2_proxy::oauth::status::read_live(&config.state_dir);
+    let rows = accounts::report(&config, &data, serve.as_ref(), accounts::now_unix());
+    if json {
+        let text =
+            serde_json::to_string_pretty(&rows).map_err(|e| format!("cannot encode JSON: {e}"))?;
+        println!("{text}");
+    } else if rows.is_empty() {
+        println!("No [[account]] in {}.", config.path.display());
+    } else {
+        print_accounts_table(&rows);
+    }
+    Ok(())
+}
+
+fn check_command(arg: &ConfigArg) -> Result<(), String> {
+    let path = config::resolve_path(arg.config.as_deref()).map_err(|e| e.to_string())?;
+    let (total, failed) = runtime()?.block_on(check::run(&path));
+    if failed == 0 {
+        println!("All {total} checks passed.");
+        Ok(())
+    } else {
+        Err(format!("{failed} of {total} checks failed"))
+    }
+}
+
+fn password_add(arg: &ConfigArg, email: &str, label: &str) -> Result<(), String> {
+    let config = load(arg)?;
+    let acct = account(&config, email)?;
+    let label = label.trim();
+    if label.is_empty() || label.chars().any(char::is_control) {
+        return Err("--label must be a non-empty name".into());
+    }
+    let store = open_store(&config)?;
+    let pw = accounts::add_password(&store, &acct.email, label).map_err(|e| e.to_string())?;
+    println!(
+        "New app password for {} (label {label:?}). It is shown only this once; use it as the password in your mail client:",
+        acct.email
+    );
+    println!("{}", pw.expose());
+    Ok(())
+}
+
+fn password_list(arg: &ConfigArg, email: &str) -> Result<(), String> {
+    let config = load(arg)?;
+    let acct = account(&config, email)?;
+    let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
+    let entries = data
+        .account(&acct.email)
+        .map(|a| a.passwords.clone())
+        .unwrap_or_default();
+    if entries.is_empty() {
+        println!(
+            "{} has no app passwords; add one with `xoauth2-proxy password add {}`",
+            acct.email, acct.email
+        );
+    }
+    for p in entries {
+        println!("{}\tcreated {}", p.label, format_time(p.created_at));
+    }
+    Ok(())
+}
+
+fn password_remove(arg: &ConfigArg, email: &str, label: &str) -> Result<(), String> {
+    let config = load(arg)?;
+    let acct = account(&config, email)?;
+    let store = open_store(&config)?;
+    if accounts::remove_password(&store, &acct.email, label).map_err(|e| e.to_string())? {
+        println!("Removed the password {label:?} of {}.", acct.email);
+        Ok(())
+    } else {
+        Err(format!("{} has no password labelled {label:?}", acct.email))
+    }
+}
+
+fn cert(arg: &ConfigArg) -> Result<(), String> {
+    let config = load(arg)?;
+    let tls = config.tls.as_ref().ok_or_else(|| {
+        format!(
+            "{}: add a [tls] section with cert and key paths first",
+            config.path.display()
+        )
+    })?;
+    xoauth2_proxy::tls::write_self_signed(&tls.cert, &tls.key)?;
+    println!(
+        "Wrote a self-signed certificate for localhost, 127.0.0.1 and ::1:\n  certificate {}\n  key         {} (0600)",
+        tls.cert.display(),
+        tls.key.display()
+    );
+    Ok(())
 }
 
 /// ` -c PATH` for commands printed as advice, when the user named the config explicitly.
