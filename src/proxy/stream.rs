@@ -1,15 +1,17 @@
 //! One stream type for every connection the proxy holds: plain TCP, or TLS as server (towards
 //! clients) or as client (towards upstream). STARTTLS upgrades consume the plain stream.
-//! Also the splice's moving parts: a pump per direction and the buffers it borrows.
+//! TLS reads go through a read-ahead that borrows splice buffers from the pool.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::pool;
 
 pub enum Stream {
     Plain(TcpStream),
@@ -231,138 +233,5 @@ impl AsyncWrite for ReadAhead {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// One direction of a splice: reads from one stream, writes to the other, with a buffer that
-/// is borrowed from a per-thread pool only while bytes are in flight, so an idle session holds
-/// none and a busy one allocates nothing per read.
-pub(crate) struct Pump {
-    buf: Option<Box<[u8]>>,
-    /// Bytes `buf[pos..end]` are read and not yet written.
-    pos: usize,
-    end: usize,
-    /// The source ended (0-byte read) or failed; what was read before is still written.
-    ended: Option<io::Result<()>>,
-    /// Written since the destination was last flushed.
-    unflushed: bool,
-    /// Bytes written to the destination.
-    pub total: u64,
-}
-
-impl Pump {
-    pub(crate) fn new() -> Pump {
-        Pump {
-            buf: None,
-            pos: 0,
-            end: 0,
-            ended: None,
-            unflushed: false,
-            total: 0,
-        }
-    }
-
-    /// Copy until the source ends: `Ready(Ok)` once everything read is written and flushed
-    /// (the destination is not shut down: that is the caller's policy), `Ready(Err)` on a
-    /// failure of either side.
-    pub(crate) fn poll_copy(
-        &mut self,
-        cx: &mut Context<'_>,
-        src: &mut Stream,
-        dst: &mut Stream,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if let Some(buf) = &self.buf {
-                while self.pos < self.end {
-                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.pos..self.end]))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.pos += n;
-                    self.total += n as u64;
-                    self.unflushed = true;
-                }
-            }
-            if self.ended.is_some() {
-                self.release();
-                if self.unflushed {
-                    ready!(Pin::new(&mut *dst).poll_flush(cx))?;
-                    self.unflushed = false;
-                }
-                return Poll::Ready(self.ended.take().unwrap_or(Ok(())));
-            }
-            // Gather what is available now (several TLS records, or one large socket read)
-            // so the destination gets few large writes.
-            let buf = self.buf.get_or_insert_with(pool::take);
-            self.pos = 0;
-            self.end = 0;
-            while self.end < buf.len() {
-                let mut rb = ReadBuf::new(&mut buf[self.end..]);
-                match Pin::new(&mut *src).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                        self.ended = Some(Ok(()));
-                        break;
-                    }
-                    Poll::Ready(Ok(())) => self.end += rb.filled().len(),
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Poll::Ready(Err(e)) => {
-                        self.ended = Some(Err(e));
-                        break;
-                    }
-                    Poll::Pending => break,
-                }
-            }
-            if self.end == 0 && self.ended.is_none() {
-                // Nothing to move: hand the buffer back and push out what the destination
-                // still holds (TLS records) while waiting.
-                self.release();
-                if self.unflushed {
-                    ready!(Pin::new(&mut *dst).poll_flush(cx))?;
-                    self.unflushed = false;
-                }
-                return Poll::Pending;
-            }
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            pool::give(buf);
-        }
-        self.pos = 0;
-        self.end = 0;
-    }
-}
-
-impl Drop for Pump {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-/// Splice buffers, kept per thread so taking one needs no lock.
-mod pool {
-    use std::cell::RefCell;
-
-    pub(super) const BUF: usize = super::super::SPLICE_BUF;
-    /// Buffers a thread keeps for reuse (at most 4 MiB); beyond that they are freed.
-    const KEEP: usize = 16;
-
-    thread_local! {
-        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub(super) fn take() -> Box<[u8]> {
-        FREE.with(|f| f.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; BUF].into_boxed_slice())
-    }
-
-    pub(super) fn give(buf: Box<[u8]>) {
-        FREE.with(|f| {
-            let mut free = f.borrow_mut();
-            if free.len() < KEEP {
-                free.push(buf);
-            }
-        });
     }
 }
