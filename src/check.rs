@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use xoauth2_proxy::accounts::{format_age, Accounts};
+use xoauth2_proxy::clock::format_age;
 use xoauth2_proxy::config::{Config, ListenerConfig, Protocol, StoreKind, UpstreamTls};
 use xoauth2_proxy::oauth::TokenManager;
 use xoauth2_proxy::proxy::stream::Stream;
+use xoauth2_proxy::registry::Registry;
 use xoauth2_proxy::store::Store;
 
 const TOKEN_WAIT: Duration = Duration::from_secs(30);
@@ -88,11 +89,11 @@ async fn check_accounts(config: &Config, store: Store, report: &mut Report) {
     if config.accounts.is_empty() {
         return;
     }
-    let accounts = match Accounts::new(config, store) {
-        Ok(a) => Arc::new(a),
+    let registry = match Registry::new(config, store) {
+        Ok(r) => Arc::new(r),
         Err(e) => return report.fail("store", e.to_string()),
     };
-    let tokens = match TokenManager::detached(config, accounts) {
+    let tokens = match TokenManager::detached(config, registry) {
         Ok(t) => t,
         Err(e) => return report.fail("token endpoint", e),
     };

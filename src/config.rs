@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::account::AccountKey;
 use crate::secret::Secret;
 
 pub const GOOGLE_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
@@ -226,13 +227,9 @@ pub struct AccountConfig {
 
 impl AccountConfig {
     /// The case-insensitive identity used for lookups and in the store.
-    pub fn key(&self) -> String {
-        normalize_email(&self.email)
+    pub fn key(&self) -> AccountKey {
+        AccountKey::new(&self.email)
     }
-}
-
-pub fn normalize_email(email: &str) -> String {
-    email.trim().to_ascii_lowercase()
 }
 
 #[derive(Debug, Clone)]
@@ -328,7 +325,7 @@ impl Config {
     }
 
     pub fn account(&self, email: &str) -> Option<&AccountConfig> {
-        let key = normalize_email(email);
+        let key = AccountKey::new(email);
         self.accounts.iter().find(|a| a.key() == key)
     }
 
@@ -488,7 +485,7 @@ fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, Conf
                 a.email
             )));
         }
-        if !emails.insert(normalize_email(&email)) {
+        if !emails.insert(AccountKey::new(&email)) {
             return Err(cx.invalid(format!("[[account]] {email} is listed twice")));
         }
         accounts.push(AccountConfig {

@@ -2,11 +2,15 @@
 //! proxy with a local app password; the proxy logs in upstream with SASL XOAUTH2 using an OAuth
 //! access token it keeps fresh, then splices the connection.
 
+pub mod account;
 pub mod accounts;
+pub mod clock;
 pub mod config;
 pub mod oauth;
 pub mod protocol;
 pub mod proxy;
+pub mod registry;
+pub mod report;
 pub mod secret;
 pub mod store;
 pub mod tls;

@@ -9,9 +9,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use xoauth2_proxy::accounts::{self, format_age, format_time};
+use xoauth2_proxy::clock::{format_age, format_time, now_unix};
 use xoauth2_proxy::config::{self, Config, LocalTls};
 use xoauth2_proxy::oauth::flow;
+use xoauth2_proxy::registry;
+use xoauth2_proxy::report;
 use xoauth2_proxy::secret::Secret;
 use xoauth2_proxy::store::Store;
 
@@ -221,7 +223,7 @@ fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {
             .await
             .map_err(|e| format!("refresh token for {} not stored: {e}", acct.email))?;
         let stored = granted.refresh_token.as_ref().unwrap_or(&token);
-        accounts::save_grant(&store, &acct.email, stored, granted.refresh_token_expires_in)
+        registry::save_grant(&store, &acct.key(), stored, granted.refresh_token_expires_in)
             .map_err(|e| e.to_string())?;
         println!(
             "Stored the refresh token for {} (checked: Google issued an access token valid for {} s).",
@@ -277,7 +279,7 @@ fn accounts_command(arg: &ConfigArg, json: bool) -> Result<(), String> {
     let config = load(arg)?;
     let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
     let serve = xoauth2_proxy::oauth::status::read_live(&config.state_dir);
-    let rows = accounts::report(&config, &data, serve.as_ref(), accounts::now_unix());
+    let rows = report::report(&config, &data, serve.as_ref(), now_unix());
     if json {
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| format!("cannot encode JSON: {e}"))?;
@@ -309,7 +311,7 @@ fn password_add(arg: &ConfigArg, email: &str, label: &str) -> Result<(), String>
         return Err("--label must be a non-empty name".into());
     }
     let store = open_store(&config)?;
-    let pw = accounts::add_password(&store, &acct.email, label).map_err(|e| e.to_string())?;
+    let pw = registry::add_password(&store, &acct.key(), label).map_err(|e| e.to_string())?;
     println!(
         "New app password for {} (label {label:?}). It is shown only this once; use it as the password in your mail client:",
         acct.email
@@ -323,7 +325,7 @@ fn password_list(arg: &ConfigArg, email: &str) -> Result<(), String> {
     let acct = account(&config, email)?;
     let (data, _) = open_store(&config)?.load().map_err(|e| e.to_string())?;
     let entries = data
-        .account(&acct.email)
+        .account(&acct.key())
         .map(|a| a.passwords.clone())
         .unwrap_or_default();
     if entries.is_empty() {
@@ -342,7 +344,7 @@ fn password_remove(arg: &ConfigArg, email: &str, label: &str) -> Result<(), Stri
     let config = load(arg)?;
     let acct = account(&config, email)?;
     let store = open_store(&config)?;
-    if accounts::remove_password(&store, &acct.email, label).map_err(|e| e.to_string())? {
+    if registry::remove_password(&store, &acct.key(), label).map_err(|e| e.to_string())? {
         println!("Removed the password {label:?} of {}.", acct.email);
         Ok(())
     } else {
@@ -433,9 +435,9 @@ async fn login(
     let authorized = flow::complete(&attempt, listener, pasted, timeout, &notice)
         .await
         .map_err(|e| e.to_string())?;
-    accounts::save_grant(
+    registry::save_grant(
         store,
-        &acct.email,
+        &acct.key(),
         &authorized.refresh_token,
         authorized.refresh_token_expires_in,
     )
@@ -448,7 +450,7 @@ async fn login(
     let passwords = store
         .load()
         .ok()
-        .and_then(|(d, _)| d.account(&acct.email).map(|a| a.passwords.len()))
+        .and_then(|(d, _)| d.account(&acct.key()).map(|a| a.passwords.len()))
         .unwrap_or(0);
     println!();
     println!(
@@ -585,8 +587,8 @@ fn open_browser(url: &str) -> Result<String, String> {
     Ok(program)
 }
 
-fn print_accounts_table(rows: &[accounts::AccountReport]) {
-    let now = accounts::now_unix();
+fn print_accounts_table(rows: &[report::AccountReport]) {
+    let now = now_unix();
     let table: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {

@@ -180,7 +180,7 @@ async fn import_stores_a_working_refresh_token_and_refuses_a_rejected_one() {
     let store = xoauth2_proxy::store::Store::open(&config.state_dir, &config.store).unwrap();
     let data = store.load().unwrap().0;
     assert_eq!(
-        data.account(ALICE)
+        data.account(&xoauth2_proxy::account::AccountKey::new(ALICE))
             .unwrap()
             .refresh_token
             .as_ref()

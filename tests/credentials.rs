@@ -208,7 +208,7 @@ async fn accounts_shows_credential_expiry_age_passwords_and_what_to_do() {
     assert_eq!(alice["passwords"], 1);
     assert!(alice["refresh_token_age_secs"].as_i64().unwrap() < 60);
     let left =
-        alice["access_token_expires_at"].as_i64().unwrap() - xoauth2_proxy::accounts::now_unix();
+        alice["access_token_expires_at"].as_i64().unwrap() - xoauth2_proxy::clock::now_unix();
     assert!((3000..=3600).contains(&left), "{alice}");
     assert_eq!(alice["attention"], serde_json::json!([]));
     let bob = row(BOB);
@@ -257,8 +257,12 @@ async fn check_reports_every_account_and_upstream_and_fails_when_one_does() {
     let authorize = |email: &str| {
         let rt = format!("1//refresh-{email}");
         google.add_refresh_token(&rt, email);
-        xoauth2_proxy::accounts::save_refresh_token(&cfg.store(), email, &rt.as_str().into())
-            .unwrap();
+        xoauth2_proxy::registry::save_refresh_token(
+            &cfg.store(),
+            &xoauth2_proxy::account::AccountKey::new(email),
+            &rt.as_str().into(),
+        )
+        .unwrap();
     };
     authorize(ALICE);
     let out = cmd::run(cfg.args(&["check"]), None).await;
@@ -389,7 +393,7 @@ async fn fifty_parallel_password_adds_while_serve_runs_lose_nothing() {
     }
     let (data, _) = proxy.store().load().unwrap();
     let labels: std::collections::HashSet<_> = data
-        .account(ALICE)
+        .account(&xoauth2_proxy::account::AccountKey::new(ALICE))
         .unwrap()
         .passwords
         .iter()
@@ -441,7 +445,7 @@ async fn writers_killed_midway_leave_a_loadable_store() {
             .load()
             .unwrap_or_else(|e| panic!("after kill {i}: {e}"));
         let labels: Vec<_> = data
-            .account(ALICE)
+            .account(&xoauth2_proxy::account::AccountKey::new(ALICE))
             .map(|a| a.passwords.iter().map(|p| p.label.clone()).collect())
             .unwrap_or_default();
         for s in &survivors {
@@ -518,7 +522,7 @@ async fn a_rotated_refresh_token_is_saved_and_used_from_then_on() {
         .starts_with("a OK"));
     let stored = |proxy: &Proxy| {
         let (data, _) = proxy.store().load().unwrap();
-        data.account(ALICE)
+        data.account(&xoauth2_proxy::account::AccountKey::new(ALICE))
             .and_then(|a| a.refresh_token.as_ref())
             .map(|t| t.expose().to_string())
             .unwrap()

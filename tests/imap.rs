@@ -233,7 +233,12 @@ async fn revoked_refresh_token_tells_the_user_to_authorize_again() {
     // Re-authorizing (a new refresh token in the store) is picked up without a restart.
     let fresh = "1//a-new-grant";
     w.google.add_refresh_token(fresh, ALICE);
-    xoauth2_proxy::accounts::save_refresh_token(&w.proxy.store(), ALICE, &fresh.into()).unwrap();
+    xoauth2_proxy::registry::save_refresh_token(
+        &w.proxy.store(),
+        &xoauth2_proxy::account::AccountKey::new(ALICE),
+        &fresh.into(),
+    )
+    .unwrap();
     c.send_line(&format!("a3 LOGIN {ALICE} {}", w.password))
         .await;
     let (tagged, _) = c.read_imap_tagged("a3").await;
@@ -356,7 +361,12 @@ async fn token_rejected_even_after_refresh_is_reported_in_words() {
         .revoke_refresh_token(&format!("1//refresh-{ALICE}"));
     let rt = "1//belongs-to-carol";
     w.google.add_refresh_token(rt, "carol@gmail.com");
-    xoauth2_proxy::accounts::save_refresh_token(&w.proxy.store(), ALICE, &rt.into()).unwrap();
+    xoauth2_proxy::registry::save_refresh_token(
+        &w.proxy.store(),
+        &xoauth2_proxy::account::AccountKey::new(ALICE),
+        &rt.into(),
+    )
+    .unwrap();
     let mut c = connect(&w).await;
     c.send_line(&format!("a1 LOGIN {ALICE} {}", w.password))
         .await;
@@ -468,7 +478,12 @@ async fn removed_password_stops_working_without_a_restart() {
     let mut c = connect(&w).await;
     c.send_line(&format!("a1 LOGIN {ALICE} {second}")).await;
     assert!(c.read_imap_tagged("a1").await.0.starts_with("a1 OK"));
-    assert!(xoauth2_proxy::accounts::remove_password(&w.proxy.store(), ALICE, "phone").unwrap());
+    assert!(xoauth2_proxy::registry::remove_password(
+        &w.proxy.store(),
+        &xoauth2_proxy::account::AccountKey::new(ALICE),
+        "phone"
+    )
+    .unwrap());
     let mut c = connect(&w).await;
     c.send_line(&format!("a2 LOGIN {ALICE} {second}")).await;
     let line = c.read_line().await;

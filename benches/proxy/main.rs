@@ -299,10 +299,18 @@ fn authorize(config: &Path, google: &FakeGoogle, user: &str) -> Result<String, S
         .map_err(|e| e.to_string())?;
     let refresh = format!("1//bench-refresh-{user}");
     google.add_refresh_token(&refresh, user);
-    xoauth2_proxy::accounts::save_refresh_token(&store, user, &Secret::from(refresh.as_str()))
-        .map_err(|e| e.to_string())?;
-    let pw =
-        xoauth2_proxy::accounts::add_password(&store, user, "bench").map_err(|e| e.to_string())?;
+    xoauth2_proxy::registry::save_refresh_token(
+        &store,
+        &xoauth2_proxy::account::AccountKey::new(user),
+        &Secret::from(refresh.as_str()),
+    )
+    .map_err(|e| e.to_string())?;
+    let pw = xoauth2_proxy::registry::add_password(
+        &store,
+        &xoauth2_proxy::account::AccountKey::new(user),
+        "bench",
+    )
+    .map_err(|e| e.to_string())?;
     Ok(pw.expose().to_string())
 }
 

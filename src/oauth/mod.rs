@@ -17,8 +17,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::Accounts;
+use crate::account::AccountKey;
+use crate::clock::now_unix;
 use crate::config::{Config, OAuthClient};
+use crate::registry::{grant, Registry};
 use crate::secret::Secret;
 use google::GrantError;
 use service_account::ServiceAccount;
@@ -147,8 +149,8 @@ struct AccountTokens {
 
 struct Shared {
     http: reqwest::Client,
-    accounts: Arc<Accounts>,
-    tokens: HashMap<String, Arc<AccountTokens>>,
+    registry: Arc<Registry>,
+    tokens: HashMap<AccountKey, Arc<AccountTokens>>,
     /// Where `serve` publishes token expiry for `accounts`; None for one-off commands.
     status_dir: Option<PathBuf>,
     status_write: Mutex<()>,
@@ -186,19 +188,19 @@ const WARN_EVERY: Duration = Duration::from_secs(12 * 3600);
 
 impl TokenManager {
     /// The manager of a running proxy: publishes token expiry in the state dir's status file.
-    pub fn new(config: &Config, accounts: Arc<Accounts>) -> Result<TokenManager, String> {
-        Self::build(config, accounts, Some(config.state_dir.clone()))
+    pub fn new(config: &Config, registry: Arc<Registry>) -> Result<TokenManager, String> {
+        Self::build(config, registry, Some(config.state_dir.clone()))
     }
 
     /// For one-off commands (`check`): tokens it gets are not the running proxy's, so it
     /// publishes nothing.
-    pub fn detached(config: &Config, accounts: Arc<Accounts>) -> Result<TokenManager, String> {
-        Self::build(config, accounts, None)
+    pub fn detached(config: &Config, registry: Arc<Registry>) -> Result<TokenManager, String> {
+        Self::build(config, registry, None)
     }
 
     fn build(
         config: &Config,
-        accounts: Arc<Accounts>,
+        registry: Arc<Registry>,
         status_dir: Option<PathBuf>,
     ) -> Result<TokenManager, String> {
         let tokens = config
@@ -231,7 +233,7 @@ impl TokenManager {
         Ok(TokenManager {
             shared: Arc::new(Shared {
                 http: google::http_client()?,
-                accounts,
+                registry,
                 tokens,
                 status_dir,
                 status_write: Mutex::new(()),
@@ -245,7 +247,7 @@ impl TokenManager {
     pub fn requests_made(&self, email: &str) -> u64 {
         self.shared
             .tokens
-            .get(&crate::config::normalize_email(email))
+            .get(&AccountKey::new(email))
             .map(|t| t.requests.load(Ordering::Relaxed))
             .unwrap_or(0)
     }
@@ -259,11 +261,11 @@ impl TokenManager {
         self.shared.wake.notify_one();
     }
 
-    /// A fresh access token for `email` (normalized), refreshing if needed.
-    pub async fn get(&self, email: &str) -> Result<Arc<AccessToken>, TokenError> {
-        let Some(acct) = self.shared.tokens.get(email) else {
+    /// A fresh access token for the account, refreshing if needed.
+    pub async fn get(&self, key: &AccountKey) -> Result<Arc<AccessToken>, TokenError> {
+        let Some(acct) = self.shared.tokens.get(key) else {
             return Err(TokenError::Misconfigured {
-                email: email.to_string(),
+                email: key.to_string(),
                 detail: "not a configured account".into(),
             });
         };
@@ -276,12 +278,12 @@ impl TokenManager {
         if let Some(t) = acct.fresh() {
             return Ok(t);
         }
-        self.shared.refresh_locked(email, acct, &mut gate).await
+        self.shared.refresh_locked(key, acct, &mut gate).await
     }
 
     /// The upstream rejected `token`: forget it so the next `get` refreshes.
-    pub fn invalidate(&self, email: &str, token: &Arc<AccessToken>) {
-        if let Some(acct) = self.shared.tokens.get(email) {
+    pub fn invalidate(&self, key: &AccountKey, token: &Arc<AccessToken>) {
+        if let Some(acct) = self.shared.tokens.get(key) {
             let mut cached = lock(&acct.cached);
             if cached.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
                 *cached = None;
@@ -322,13 +324,13 @@ impl Shared {
     /// outcome.
     async fn refresh_locked(
         &self,
-        key: &str,
+        key: &AccountKey,
         acct: &AccountTokens,
         gate: &mut Option<Failure>,
     ) -> Result<Arc<AccessToken>, TokenError> {
         let refresh_token = match &acct.source {
             Source::RefreshToken(_) => {
-                self.accounts
+                self.registry
                     .refresh_token(key)
                     .map_err(|e| TokenError::Temporary {
                         email: acct.email.clone(),
@@ -353,7 +355,7 @@ impl Shared {
         let result = self.refresh(key, acct, refresh_token.clone()).await;
         {
             let mut st = lock(&acct.status);
-            st.last_refresh_at = Some(crate::accounts::now_unix());
+            st.last_refresh_at = Some(now_unix());
             match &result {
                 Ok(token) => {
                     st.access_token_expires_at = Some(unix(token.expires_at));
@@ -393,7 +395,7 @@ impl Shared {
 
     async fn refresh(
         &self,
-        key: &str,
+        key: &AccountKey,
         acct: &AccountTokens,
         refresh_token: Option<Secret>,
     ) -> Result<Arc<AccessToken>, (TokenError, Option<Duration>)> {
@@ -480,7 +482,7 @@ impl Shared {
         // fails we would lose the only valid grant.
         if let (Some(rotated), Some(old)) = (&granted.refresh_token, &refresh_token) {
             if rotated != old {
-                crate::accounts::rotate_refresh_token(self.accounts.store(), &email, rotated)
+                crate::registry::rotate_refresh_token(self.registry.store(), key, rotated)
                     .map_err(|e| {
                         (
                             TokenError::Temporary {
@@ -503,14 +505,14 @@ impl Shared {
     }
 
     /// For a refused refresh token about a week old: say it is probably Google's Testing limit.
-    fn testing_limit_hint(&self, key: &str) -> String {
+    fn testing_limit_hint(&self, key: &AccountKey) -> String {
         let obtained = self
-            .accounts
+            .registry
             .current()
             .ok()
             .and_then(|d| d.account(key).and_then(|a| a.refresh_token_obtained_at));
         match obtained {
-            Some(at) if crate::accounts::looks_like_testing_expiry(at, crate::accounts::now_unix()) => {
+            Some(at) if grant::looks_like_testing_expiry(at, now_unix()) => {
                 "; it was issued about 7 days ago, which is when Google ends grants of apps in Testing: publish the app (Google Auth Platform > Audience > Publish app) so new grants last".into()
             }
             _ => String::new(),
@@ -524,7 +526,7 @@ impl Shared {
         let wall = SystemTime::now();
         let min_age = Duration::from_millis(self.min_background_age_ms.load(Ordering::Relaxed));
         let mut next = now + REFRESHER_TICK;
-        let data = self.accounts.current().ok();
+        let data = self.registry.current().ok();
         for (key, acct) in &self.tokens {
             if let Some(data) = &data {
                 self.warn_about_age(key, acct, data, now);
@@ -555,7 +557,7 @@ impl Shared {
         next
     }
 
-    async fn refresh_ahead(&self, key: &str, acct: &AccountTokens, seen: Arc<AccessToken>) {
+    async fn refresh_ahead(&self, key: &AccountKey, acct: &AccountTokens, seen: Arc<AccessToken>) {
         let mut gate = acct.gate.lock().await;
         let current = lock(&acct.cached).clone();
         if !current.is_some_and(|c| Arc::ptr_eq(&c, &seen)) {
@@ -570,7 +572,7 @@ impl Shared {
 
     fn warn_about_age(
         &self,
-        key: &str,
+        key: &AccountKey,
         acct: &AccountTokens,
         data: &crate::store::StoreData,
         now: Instant,
@@ -581,11 +583,11 @@ impl Shared {
         if secrets.refresh_token.is_none() || matches!(acct.source, Source::ServiceAccount { .. }) {
             return;
         }
-        let Some(text) = crate::accounts::refresh_token_attention(
+        let Some(text) = grant::refresh_token_attention(
             &acct.email,
             secrets.refresh_token_obtained_at,
             secrets.refresh_token_expires_at,
-            crate::accounts::now_unix(),
+            now_unix(),
         ) else {
             return;
         };
@@ -608,11 +610,11 @@ impl Shared {
         let _serial = lock(&self.status_write);
         let snapshot = status::Status {
             pid: std::process::id(),
-            updated_at: crate::accounts::now_unix(),
+            updated_at: now_unix(),
             accounts: self
                 .tokens
                 .iter()
-                .map(|(k, a)| (k.clone(), lock(&a.status).clone()))
+                .map(|(k, a)| (k.to_string(), lock(&a.status).clone()))
                 .collect(),
         };
         status::write(dir, &snapshot);

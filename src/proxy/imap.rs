@@ -66,7 +66,7 @@ impl Dialect for Imap {
     ) -> Result<Upstream, Failure> {
         let slot = conn
             .app
-            .imap_slot(email)
+            .imap_slot(&crate::account::AccountKey::new(email))
             .ok_or_else(|| Failure::TooManySessions {
                 email: email.to_string(),
                 limit: conn.app.config.limits.imap_connections_per_account,

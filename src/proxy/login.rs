@@ -95,7 +95,7 @@ pub async fn authorize(
             app.throttle
                 .failed(
                     source,
-                    &crate::config::normalize_email(&credentials.username),
+                    crate::account::AccountKey::new(&credentials.username).as_str(),
                 )
                 .await;
             return Err(Failure::BadCredentials);
@@ -106,10 +106,9 @@ pub async fn authorize(
         }
     };
     let email = app
-        .accounts
-        .configured_email(&key)
-        .unwrap_or(&key)
-        .to_string();
+        .registry
+        .account(&key)
+        .map_or_else(|| key.to_string(), |a| a.email.clone());
     let token = app.tokens.get(&key).await.map_err(|e| {
         tracing::warn!(account = %email, peer = %conn.peer, error = %e, "login failed: no access token");
         Failure::from(e)

@@ -24,19 +24,24 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::account::AccountKey;
 use crate::accounts::Accounts;
 use crate::config::{Config, ListenerConfig};
 use crate::oauth::TokenManager;
+use crate::registry::Registry;
 use crate::store::Store;
 
 /// Everything shared by all connections.
 pub struct App {
     pub config: Config,
+    /// The configured accounts and their secrets.
+    pub registry: Arc<Registry>,
+    /// Local password checks.
     pub accounts: Arc<Accounts>,
     pub tokens: TokenManager,
     pub throttle: throttle::Throttle,
     /// Per account, the upstream IMAP sessions it may still open.
-    imap_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    imap_slots: std::sync::Mutex<std::collections::HashMap<AccountKey, Arc<Semaphore>>>,
 }
 
 impl std::fmt::Debug for App {
@@ -48,10 +53,12 @@ impl std::fmt::Debug for App {
 impl App {
     pub fn new(config: Config) -> Result<Arc<App>, String> {
         let store = Store::open(&config.state_dir, &config.store).map_err(|e| e.to_string())?;
-        let accounts = Arc::new(Accounts::new(&config, store).map_err(|e| e.to_string())?);
-        let tokens = TokenManager::new(&config, accounts.clone())?;
+        let registry = Arc::new(Registry::new(&config, store).map_err(|e| e.to_string())?);
+        let accounts = Arc::new(Accounts::new(registry.clone()).map_err(|e| e.to_string())?);
+        let tokens = TokenManager::new(&config, registry.clone())?;
         Ok(Arc::new(App {
             config,
+            registry,
             accounts,
             tokens,
             throttle: Default::default(),
@@ -59,14 +66,14 @@ impl App {
         }))
     }
 
-    /// Reserve one of `email`'s upstream IMAP sessions, if it has one left.
-    pub fn imap_slot(&self, email: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// Reserve one of the account's upstream IMAP sessions, if it has one left.
+    pub fn imap_slot(&self, key: &AccountKey) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let limit = self.config.limits.imap_connections_per_account;
         let slots = self
             .imap_slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(crate::config::normalize_email(email))
+            .entry(key.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(limit)))
             .clone();
         slots.try_acquire_owned().ok()

@@ -129,7 +129,7 @@ pub async fn authenticate<M: UpstreamMachine>(
     deadline: Instant,
 ) -> Result<Upstream, Failure> {
     let app = &conn.app;
-    let key = crate::config::normalize_email(email);
+    let key = crate::account::AccountKey::new(email);
     let target = conn.ctx.config.upstream();
     let mut machine = make(xoauth2(email, &token.token));
     let mut retried = false;

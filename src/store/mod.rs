@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{normalize_email, StoreConfig, StoreKind};
+use crate::account::AccountKey;
+use crate::config::{StoreConfig, StoreKind};
 use crate::secret::Secret;
 
 const KEY_FILE: &str = "master.key";
@@ -52,7 +53,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StoreData {
     #[serde(default)]
-    pub accounts: BTreeMap<String, AccountSecrets>,
+    pub accounts: BTreeMap<AccountKey, AccountSecrets>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,12 +79,12 @@ pub struct PasswordEntry {
 }
 
 impl StoreData {
-    pub fn account(&self, email: &str) -> Option<&AccountSecrets> {
-        self.accounts.get(&normalize_email(email))
+    pub fn account(&self, key: &AccountKey) -> Option<&AccountSecrets> {
+        self.accounts.get(key)
     }
 
-    pub fn account_mut(&mut self, email: &str) -> &mut AccountSecrets {
-        self.accounts.entry(normalize_email(email)).or_default()
+    pub fn account_mut(&mut self, key: &AccountKey) -> &mut AccountSecrets {
+        self.accounts.entry(key.clone()).or_default()
     }
 }
 
@@ -305,14 +306,15 @@ mod tests {
         let store = file_store(&dir);
         store
             .update(|d| {
-                d.account_mut("Alice@Gmail.com").refresh_token = Some("1//refresh-secret".into());
+                d.account_mut(&AccountKey::new("Alice@Gmail.com"))
+                    .refresh_token = Some("1//refresh-secret".into());
                 Ok(())
             })
             .unwrap();
         let (data, stamp) = file_store(&dir).load().unwrap();
         assert!(stamp.is_some());
         assert_eq!(
-            data.account("alice@gmail.com")
+            data.account(&AccountKey::new("alice@gmail.com"))
                 .unwrap()
                 .refresh_token
                 .as_ref()
@@ -352,7 +354,7 @@ mod tests {
         let store = file_store(tmp.path());
         store
             .update(|d| {
-                d.account_mut("a@x.com");
+                d.account_mut(&AccountKey::new("a@x.com"));
                 Ok(())
             })
             .unwrap();
@@ -368,13 +370,13 @@ mod tests {
         let b = file_store(tmp.path());
         assert_eq!(a.stamp().unwrap(), None);
         b.update(|d| {
-            d.account_mut("a@x.com");
+            d.account_mut(&AccountKey::new("a@x.com"));
             Ok(())
         })
         .unwrap();
         let s1 = a.stamp().unwrap();
         b.update(|d| {
-            d.account_mut("b@x.com");
+            d.account_mut(&AccountKey::new("b@x.com"));
             Ok(())
         })
         .unwrap();
@@ -393,7 +395,7 @@ mod tests {
                 std::thread::spawn(move || {
                     file_store(&dir)
                         .update(|d| {
-                            d.account_mut(&format!("user{i}@x.com"));
+                            d.account_mut(&AccountKey::new(&format!("user{i}@x.com")));
                             Ok(())
                         })
                         .unwrap()

@@ -68,7 +68,7 @@ impl ConfigDir {
 
     pub fn refresh_token(&self, email: &str) -> Option<String> {
         let (data, _) = self.store().load().unwrap();
-        data.account(email)
+        data.account(&xoauth2_proxy::account::AccountKey::new(email))
             .and_then(|a| a.refresh_token.as_ref())
             .map(|t| t.expose().to_string())
     }

@@ -151,9 +151,9 @@ impl Proxy {
     pub fn authorize(&self, google: &FakeGoogle, email: &str) -> String {
         let refresh = format!("1//refresh-{email}");
         google.add_refresh_token(&refresh, email);
-        xoauth2_proxy::accounts::save_refresh_token(
+        xoauth2_proxy::registry::save_refresh_token(
             &self.store(),
-            email,
+            &xoauth2_proxy::account::AccountKey::new(email),
             &xoauth2_proxy::secret::Secret::from(refresh.as_str()),
         )
         .unwrap();
@@ -161,10 +161,14 @@ impl Proxy {
     }
 
     pub fn add_password(&self, email: &str, label: &str) -> String {
-        xoauth2_proxy::accounts::add_password(&self.store(), email, label)
-            .unwrap()
-            .expose()
-            .to_string()
+        xoauth2_proxy::registry::add_password(
+            &self.store(),
+            &xoauth2_proxy::account::AccountKey::new(email),
+            label,
+        )
+        .unwrap()
+        .expose()
+        .to_string()
     }
 
     /// Stop accepting and wait for `serve` to return.
