@@ -127,6 +127,10 @@ struct RawListener {
     upstream_ca: Option<PathBuf>,
     #[serde(default)]
     allow_plaintext_remote: bool,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -199,6 +203,10 @@ pub struct ListenerConfig {
     pub upstream_port: u16,
     pub upstream_tls: UpstreamTls,
     pub upstream_ca: Option<PathBuf>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the real client.
+    pub proxy_protocol: bool,
+    /// The only peers whose PROXY headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ListenerConfig {
@@ -449,10 +457,40 @@ fn listeners(
             upstream_port: port,
             upstream_tls: l.upstream_tls,
             upstream_ca: l.upstream_ca.as_deref().map(|p| cx.resolve(p)),
+            proxy_protocol: l.proxy_protocol,
+            trusted_proxies: trusted_proxies(l, &which, cx)?,
         });
     }
 
     Ok(listeners)
+}
+
+/// A listener's `trusted_proxies`: CIDRs (a bare address is one host). Required with
+/// `proxy_protocol`, since believing anyone's header would let any client pick its address.
+fn trusted_proxies(
+    l: &RawListener,
+    which: &str,
+    cx: &Context,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let nets = l
+        .trusted_proxies
+        .iter()
+        .map(|t| {
+            t.parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    cx.invalid(format!(
+                        "{which}: trusted_proxies entry {t:?} is not an address or CIDR such as 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if l.proxy_protocol && nets.is_empty() {
+        return Err(cx.invalid(format!(
+            "{which}: proxy_protocol = true needs trusted_proxies, the balancers' addresses (e.g. [\"127.0.0.1/32\"])"
+        )));
+    }
+    Ok(nets)
 }
 
 fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {
@@ -674,6 +712,30 @@ email = "Alice@Gmail.com"
         let bad =
             "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://example.com/token\"\n";
         assert!(parse(bad).unwrap_err().to_string().contains("loopback"));
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_proxies_written_as_cidrs() {
+        let listener =
+            "[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1143\"\nproxy_protocol = true\n";
+        let err = parse(listener).unwrap_err().to_string();
+        assert!(err.contains("needs trusted_proxies"), "{err}");
+        let err = parse(&format!("{listener}trusted_proxies = [\"10.0.0.0/33\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"10.0.0.0/33\" is not an address or CIDR"),
+            "{err}"
+        );
+        let c = parse(&format!(
+            "{listener}trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1\"]\n"
+        ))
+        .unwrap();
+        let nets = &c.listeners[0].trusted_proxies;
+        assert!(nets[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(nets[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
+        assert!(!nets[1].contains(&"127.0.0.2".parse::<std::net::IpAddr>().unwrap()));
+        assert!(c.listeners[0].proxy_protocol);
     }
 
     #[test]

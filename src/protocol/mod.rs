@@ -3,6 +3,7 @@
 
 use crate::secret::SensitiveBytes;
 
+pub mod proxy_header;
 pub mod sasl;
 use sasl::ErrorChallenge;
 

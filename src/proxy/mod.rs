@@ -5,6 +5,7 @@
 
 mod imap;
 pub mod login;
+mod origin;
 mod pool;
 mod pop3;
 mod server;

@@ -198,10 +198,17 @@ async fn accept_loop(
 async fn handle(
     app: Arc<App>,
     ctx: Arc<ListenerCtx>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     cancel: CancellationToken,
 ) {
+    let peer = match super::origin::client_address(&ctx.config, &mut tcp, peer).await {
+        Ok(client) => client,
+        Err(why) => {
+            tracing::warn!(listener = %ctx.config.bind, "connection refused: {why}");
+            return;
+        }
+    };
     let conn = Conn { app, ctx, peer };
     match conn.ctx.config.protocol {
         Protocol::Imap => session::run(imap::Imap, conn, tcp, cancel).await,
