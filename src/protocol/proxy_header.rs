@@ -213,4 +213,37 @@ mod tests {
         head[3] = b'X';
         assert!(v2_body_len(&head).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_parsed_or_refused_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..700)) {
+            let _ = version(&bytes);
+            let _ = parse_v1(&bytes);
+            if bytes.len() >= 16 {
+                let mut head = [0u8; 16];
+                head.copy_from_slice(&bytes[..16]);
+                head[..12].copy_from_slice(&V2_SIGNATURE);
+                let _ = v2_body_len(&head);
+                let _ = parse_v2(&head, &bytes[16..]);
+            }
+        }
+
+        #[test]
+        fn generated_headers_name_their_client(a in proptest::num::u32::ANY, port in proptest::num::u16::ANY, six in proptest::num::u128::ANY) {
+            let v4 = SocketAddr::new(Ipv4Addr::from(a).into(), port);
+            let line = format!("PROXY TCP4 {} 127.0.0.1 {port} 143\r\n", v4.ip());
+            proptest::prop_assert!(line.len() <= V1_MAX);
+            proptest::prop_assert_eq!(parse_v1(line.as_bytes()).unwrap(), Origin::Client(v4));
+            let v6 = SocketAddr::new(Ipv6Addr::from(six).into(), port);
+            let line = format!("PROXY TCP6 {} ::1 {port} 993\r\n", v6.ip());
+            proptest::prop_assert!(line.len() <= V1_MAX);
+            proptest::prop_assert_eq!(parse_v1(line.as_bytes()).unwrap(), Origin::Client(v6));
+            let mut body = a.to_be_bytes().to_vec();
+            body.extend_from_slice(&[127, 0, 0, 1]);
+            body.extend_from_slice(&port.to_be_bytes());
+            body.extend_from_slice(&143u16.to_be_bytes());
+            let (head, body) = v2(0x1, 0x11, &body);
+            proptest::prop_assert_eq!(parse_v2(&head, &body).unwrap(), Origin::Client(v4));
+        }
+    }
 }
