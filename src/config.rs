@@ -97,6 +97,32 @@ struct RawConfig {
     account: Vec<RawAccount>,
     #[serde(default)]
     limits: RawLimits,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    bind: String,
+}
+
+/// How `serve` writes its log lines on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people and journald.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The admin listener: metrics and health probes over HTTP.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -179,6 +205,9 @@ pub struct Config {
     pub google: GoogleConfig,
     pub accounts: Vec<AccountConfig>,
     pub limits: Limits,
+    /// Off when `[admin]` is absent.
+    pub admin: Option<AdminConfig>,
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -329,6 +358,8 @@ impl Config {
             google: google(raw.providers.google.unwrap_or_default(), &cx)?,
             accounts: accounts(&raw.account, &cx)?,
             limits: limits(&raw.limits, &cx)?,
+            admin: raw.admin.as_ref().map(|a| admin(a, &cx)).transpose()?,
+            log_format: raw.log_format,
         })
     }
 
@@ -491,6 +522,22 @@ fn trusted_proxies(
         )));
     }
     Ok(nets)
+}
+
+fn admin(raw: &RawAdmin, cx: &Context) -> Result<AdminConfig, ConfigError> {
+    let bind: SocketAddr = raw.bind.parse().map_err(|_| {
+        cx.invalid(format!(
+            "[admin] bind = {:?} must be IP:PORT such as 127.0.0.1:8025",
+            raw.bind
+        ))
+    })?;
+    // Metrics and probes name accounts and listeners: not for the network without a login.
+    if !bind.ip().is_loopback() {
+        return Err(cx.invalid(format!(
+            "[admin] bind = {bind}: the admin listener serves loopback addresses only (127.0.0.1, ::1); reach it through a local Prometheus agent or an SSH tunnel"
+        )));
+    }
+    Ok(AdminConfig { bind })
 }
 
 fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {
@@ -736,6 +783,22 @@ email = "Alice@Gmail.com"
         assert!(nets[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
         assert!(!nets[1].contains(&"127.0.0.2".parse::<std::net::IpAddr>().unwrap()));
         assert!(c.listeners[0].proxy_protocol);
+    }
+
+    #[test]
+    fn admin_listener_is_off_by_default_and_loopback_only() {
+        let c = parse("").unwrap();
+        assert!(c.admin.is_none());
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c = parse("log_format = \"json\"\n[admin]\nbind = \"127.0.0.1:8025\"\n").unwrap();
+        assert_eq!(c.admin.unwrap().bind, "127.0.0.1:8025".parse().unwrap());
+        assert_eq!(c.log_format, LogFormat::Json);
+        let err = parse("[admin]\nbind = \"0.0.0.0:8025\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loopback addresses only"), "{err}");
+        let err = parse("log_format = \"xml\"\n").unwrap_err().to_string();
+        assert!(err.contains("log_format") || err.contains("xml"), "{err}");
     }
 
     #[test]

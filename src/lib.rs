@@ -4,8 +4,10 @@
 
 pub mod account;
 pub mod accounts;
+pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod metrics;
 pub mod oauth;
 pub mod protocol;
 pub mod proxy;

@@ -124,14 +124,7 @@ fn main() -> ExitCode {
         Command::Check { .. } => "error",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let _ = LOG_LEVEL.set(default_level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -141,9 +134,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// The default log level of the running command (RUST_LOG overrides it).
+static LOG_LEVEL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Log lines on stderr, as the config's `log_format` asks; set up once, by the first `load`.
+fn start_logging(format: config::LogFormat) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(LOG_LEVEL.get().copied().unwrap_or("warn"))
+        });
+        let fmt = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter);
+        match format {
+            config::LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+            config::LogFormat::Json => fmt.json().flatten_event(true).init(),
+        }
+    });
+}
+
 fn load(arg: &ConfigArg) -> Result<Config, String> {
     let path = config::resolve_path(arg.config.as_deref()).map_err(|e| e.to_string())?;
-    Config::load(&path).map_err(|e| e.to_string())
+    let config = Config::load(&path).map_err(|e| e.to_string())?;
+    start_logging(config.log_format);
+    Ok(config)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -206,8 +221,26 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
     }
     runtime()?.block_on(async {
         let listeners = xoauth2_proxy::proxy::bind(&config).await?;
+        let admin = xoauth2_proxy::admin::bind(&config).await?;
         let app = xoauth2_proxy::proxy::App::new(config)?;
+        let stop_admin = tokio_util::sync::CancellationToken::new();
+        if let Some(admin) = admin {
+            let views = xoauth2_proxy::admin::Views {
+                registry: app.registry.clone(),
+                listeners: listeners
+                    .iter()
+                    .map(|l| (l.protocol().name(), l.local_addr()))
+                    .collect(),
+                configured_listeners: app.config.listeners.len(),
+            };
+            tokio::spawn(xoauth2_proxy::admin::serve(
+                admin,
+                views,
+                stop_admin.clone(),
+            ));
+        }
         xoauth2_proxy::proxy::serve(app, listeners, shutdown_signal()).await;
+        stop_admin.cancel();
         Ok(())
     })
 }
@@ -294,6 +327,7 @@ fn accounts_command(arg: &ConfigArg, json: bool) -> Result<(), String> {
 
 fn check_command(arg: &ConfigArg) -> Result<(), String> {
     let path = config::resolve_path(arg.config.as_deref()).map_err(|e| e.to_string())?;
+    start_logging(config::LogFormat::Text);
     let (total, failed) = runtime()?.block_on(check::run(&path));
     if failed == 0 {
         println!("All {total} checks passed.");

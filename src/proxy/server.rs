@@ -182,13 +182,16 @@ async fn accept_loop(
             Ok(permit) => {
                 let app = app.clone();
                 let cancel = cancel.clone();
+                let active = crate::metrics::connection_opened(ctx.config.protocol);
                 tracker.spawn(async move {
+                    let _active = active;
                     handle(app, ctx, tcp, peer, cancel).await;
                     drop(permit);
                 });
             }
             Err(_) => {
                 tracing::warn!(%peer, "connection limit reached; refusing connection");
+                crate::metrics::connection_refused(ctx.config.protocol, "connection_limit");
                 tracker.spawn(refuse_busy(ctx.config.protocol, tcp));
             }
         }
@@ -206,6 +209,7 @@ async fn handle(
         Ok(client) => client,
         Err(why) => {
             tracing::warn!(listener = %ctx.config.bind, "connection refused: {why}");
+            crate::metrics::connection_refused(ctx.config.protocol, "proxy_header");
             return;
         }
     };

@@ -190,6 +190,7 @@ async fn complete(
     let _slot = up.slot.take();
     match splice(client, up.stream).await {
         Ok((to_up, to_client)) => {
+            crate::metrics::spliced(conn.ctx.config.protocol, to_up, to_client);
             tracing::debug!(account = %email, %peer, to_up, to_client, "session ended")
         }
         Err(e) => {

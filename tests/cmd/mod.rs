@@ -183,6 +183,38 @@ impl Running {
         }
     }
 
+    /// What it wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The address after `bind=` on the first stderr line that contains `marker`, within 20 s.
+    pub async fn logged_bind(&self, marker: &str) -> std::net::SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.stderr();
+            if let Some(addr) = text.lines().find_map(|l| {
+                l.contains(marker)
+                    .then(|| {
+                        l.split("bind=")
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .flatten()
+            }) {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {marker:?} line; stderr:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Type a line on its standard input.
     pub fn paste(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");

@@ -1,0 +1,117 @@
+//! The admin listener (`[admin] bind`, loopback only): Prometheus metrics and health probes for
+//! the ops team's existing tools. It observes the core through read-only views (the registry's
+//! store, the bound listeners) and never reaches into a session.
+//!
+//! - `GET /metrics`: Prometheus text exposition, names prefixed `xoauth2_proxy_`.
+//! - `GET /livez`: 200 while the process serves.
+//! - `GET /readyz`: 200 when every listener is bound and the store is readable; 503 with a JSON
+//!   reason otherwise.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::registry::Registry;
+
+/// What the probes look at.
+pub struct Views {
+    pub registry: Arc<Registry>,
+    /// The protocol listeners `serve` bound, as (protocol, address).
+    pub listeners: Vec<(&'static str, SocketAddr)>,
+    /// How many listeners the config asks for.
+    pub configured_listeners: usize,
+}
+
+pub struct AdminListener {
+    tcp: TcpListener,
+}
+
+impl AdminListener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.local_addr().ok()
+    }
+}
+
+/// Bind `[admin] bind`, if configured; a one-line reason when it can't be.
+pub async fn bind(config: &Config) -> Result<Option<AdminListener>, String> {
+    let Some(admin) = &config.admin else {
+        return Ok(None);
+    };
+    let tcp = TcpListener::bind(admin.bind)
+        .await
+        .map_err(|e| format!("admin listener: cannot bind {}: {e}", admin.bind))?;
+    Ok(Some(AdminListener { tcp }))
+}
+
+/// Serve the admin routes until `cancel`.
+pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationToken) {
+    crate::metrics::handle();
+    if let Some(addr) = listener.local_addr() {
+        tracing::info!(bind = %addr, "admin listener: /metrics /livez /readyz");
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Arc::new(views));
+    let result = axum::serve(listener.tcp, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener stopped");
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+}
+
+async fn readyz(State(views): State<Arc<Views>>) -> impl IntoResponse {
+    let mut problems = Vec::new();
+    if views.listeners.len() < views.configured_listeners {
+        problems.push(format!(
+            "{} of {} listeners are bound",
+            views.listeners.len(),
+            views.configured_listeners
+        ));
+    }
+    // A real read, not the registry's cached view: the probe is about the store now.
+    let registry = views.registry.clone();
+    match tokio::task::spawn_blocking(move || registry.store().load().map(|_| ())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("the store cannot be read: {e}")),
+        Err(e) => problems.push(format!("the store check failed: {e}")),
+    }
+    let listeners: Vec<_> = views
+        .listeners
+        .iter()
+        .map(|(protocol, addr)| serde_json::json!({"protocol": protocol, "bind": addr.to_string()}))
+        .collect();
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({
+            "ready": problems.is_empty(),
+            "problems": problems,
+            "listeners": listeners,
+        })),
+    )
+}

@@ -1,0 +1,91 @@
+//! Prometheus metrics, all named `xoauth2_proxy_*`. The core records what happens through the
+//! small functions here (no handles threaded through sessions); the admin listener renders the
+//! classic text exposition that Prometheus and `promtool check metrics` read. Labels are
+//! protocols, directions and results, never a secret, and never an account unless the admin
+//! opts in.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Protocol;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's metrics, installed on first use (one recorder per process; every proxy a test
+/// starts in-process shares it). None if another recorder was installed first.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            gauge!("xoauth2_proxy_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The exposition text for `/metrics`.
+pub fn render() -> String {
+    handle().map(|h| h.render()).unwrap_or_default()
+}
+
+fn describe() {
+    describe_gauge!(
+        "xoauth2_proxy_build_info",
+        "Always 1; the version label says which build is running."
+    );
+    describe_counter!(
+        "xoauth2_proxy_connections_accepted_total",
+        "Client connections accepted, by protocol."
+    );
+    describe_gauge!(
+        "xoauth2_proxy_connections_active",
+        "Client connections open now, by protocol."
+    );
+    describe_counter!(
+        "xoauth2_proxy_connections_refused_total",
+        "Client connections refused before a session (connection cap, PROXY header), by protocol and reason."
+    );
+    describe_counter!(
+        "xoauth2_proxy_spliced_bytes_total",
+        "Bytes passed through logged-in sessions, by protocol and direction (to_upstream, to_client)."
+    );
+}
+
+/// A client connection was accepted: counted, and active until the guard drops.
+pub fn connection_opened(protocol: Protocol) -> ActiveConnection {
+    handle();
+    counter!("xoauth2_proxy_connections_accepted_total", "protocol" => protocol.name())
+        .increment(1);
+    gauge!("xoauth2_proxy_connections_active", "protocol" => protocol.name()).increment(1.0);
+    ActiveConnection(protocol)
+}
+
+/// Marks a connection active for as long as it lives.
+pub struct ActiveConnection(Protocol);
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        gauge!("xoauth2_proxy_connections_active", "protocol" => self.0.name()).decrement(1.0);
+    }
+}
+
+/// A connection was refused before its session began.
+pub fn connection_refused(protocol: Protocol, reason: &'static str) {
+    handle();
+    counter!("xoauth2_proxy_connections_refused_total", "protocol" => protocol.name(), "reason" => reason)
+        .increment(1);
+}
+
+/// A logged-in session ended having moved these bytes.
+pub fn spliced(protocol: Protocol, to_upstream: u64, to_client: u64) {
+    handle();
+    counter!("xoauth2_proxy_spliced_bytes_total", "protocol" => protocol.name(), "direction" => "to_upstream")
+        .increment(to_upstream);
+    counter!("xoauth2_proxy_spliced_bytes_total", "protocol" => protocol.name(), "direction" => "to_client")
+        .increment(to_client);
+}

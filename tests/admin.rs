@@ -1,0 +1,188 @@
+//! The admin listener of the real binary: `/metrics` counts scripted traffic in Prometheus text
+//! that `promtool check metrics` accepts, `/livez` answers, and `/readyz` turns 503 with a
+//! reason when the store can't be read.
+
+mod cmd;
+mod harness;
+mod support;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use harness::ListenerSpec;
+use support::{FakeGoogle, FakeImap, TestClient, TestPki, UpstreamTls};
+use xoauth2_proxy::account::AccountKey;
+
+const ALICE: &str = "alice@gmail.com";
+
+/// `name{labels}` → value, from Prometheus text.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let r = cmd::browser(false).get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `promtool check metrics` on the text, where promtool is installed (CI installs it and sets
+/// XOAUTH2_PROXY_REQUIRE_PROMTOOL so that a missing promtool fails instead of skipping).
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("XOAUTH2_PROXY_REQUIRE_PROMTOOL").is_none(),
+                "promtool is required but cannot run: {e}"
+            );
+            eprintln!("promtool not installed: skipping its check");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    imap.add_message(ALICE, b"Subject: hi\r\n\r\nhello\r\n");
+    let text = harness::config_text(
+        &google,
+        &pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[ALICE],
+    ) + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let dir = cmd::ConfigDir::from_text(&text);
+    let alice = AccountKey::new(ALICE);
+    google.add_refresh_token("1//admin", ALICE);
+    xoauth2_proxy::registry::save_refresh_token(&dir.store(), &alice, &"1//admin".into()).unwrap();
+    let password = xoauth2_proxy::registry::add_password(&dir.store(), &alice, "metrics").unwrap();
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let imap_addr = serve.logged_bind("listening").await;
+    let admin = serve.logged_bind("admin listener").await;
+    let base = format!("http://{admin}");
+
+    assert_eq!(get(&format!("{base}/livez")).await.0, 200);
+    let (status, body) = get(&format!("{base}/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["ready"],
+        true
+    );
+
+    // One session that logs in and reads, one wrong password.
+    let mut c = TestClient::connect(imap_addr).await;
+    c.read_line().await;
+    c.send_line(&format!("a1 LOGIN {ALICE} {}", password.expose()))
+        .await;
+    assert!(c.read_imap_tagged("a1").await.0.starts_with("a1 OK"));
+    c.send_line("a2 SELECT INBOX").await;
+    assert!(c.read_imap_tagged("a2").await.0.starts_with("a2 OK"));
+    c.send_line("a3 LOGOUT").await;
+    c.expect_eof().await;
+    let mut c = TestClient::connect(imap_addr).await;
+    c.read_line().await;
+    c.send_line(&format!("b1 LOGIN {ALICE} wrong")).await;
+    assert!(c.read_imap_tagged("b1").await.0.starts_with("b1 NO"));
+    drop(c);
+
+    // Sessions end asynchronously: wait until none is active.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (status, text) = get(&format!("{base}/metrics")).await;
+        assert_eq!(status, 200);
+        let s = samples(&text);
+        if s.get("xoauth2_proxy_connections_active{protocol=\"imap\"}") == Some(&0.0) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let s = samples(&metrics);
+    assert_eq!(
+        s["xoauth2_proxy_connections_accepted_total{protocol=\"imap\"}"], 2.0,
+        "{metrics}"
+    );
+    let to_client =
+        s["xoauth2_proxy_spliced_bytes_total{protocol=\"imap\",direction=\"to_client\"}"];
+    let to_upstream =
+        s["xoauth2_proxy_spliced_bytes_total{protocol=\"imap\",direction=\"to_upstream\"}"];
+    // Up: exactly what the client sent after its login; down: SELECT's answer, BYE, LOGOUT's OK.
+    assert_eq!(
+        to_upstream,
+        ("a2 SELECT INBOX\r\n".len() + "a3 LOGOUT\r\n".len()) as f64,
+        "{metrics}"
+    );
+    assert!(to_client > 40.0, "{metrics}");
+    assert_eq!(
+        s[&format!(
+            "xoauth2_proxy_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )],
+        1.0
+    );
+    assert!(!metrics.contains(&password.expose().to_string()));
+    promtool_accepts(&metrics);
+
+    // A store nobody may read any more: not ready, and the reason says so.
+    let store_file = dir.state_dir().join("store.enc");
+    std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, body) = get(&format!("{base}/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the store cannot be read"), "{body}");
+    std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_log_format_writes_one_object_per_line() {
+    let text = "log_format = \"json\"\nstate_dir = \"state\"\n[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:0\"\n";
+    let dir = cmd::ConfigDir::from_text(text);
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        if let Some(l) = serve.stderr().lines().find(|l| l.contains("listening")) {
+            break l.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", serve.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let event: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(event["level"], "INFO", "{line}");
+    assert_eq!(event["message"], "listening", "{line}");
+    assert_eq!(event["protocol"], "imap", "{line}");
+    assert!(
+        event["bind"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+}
