@@ -76,6 +76,22 @@ pub struct ListenerCtx {
     pub config: ListenerConfig,
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub upstream_capabilities: KnownCapabilities,
+}
+
+/// What the listener's upstream offered at its last login (SMTP EHLO extensions, POP3 CAPA
+/// lines), so that answers before login promise what holds without connecting for strangers.
+#[derive(Default)]
+pub struct KnownCapabilities(std::sync::Mutex<Option<Arc<[String]>>>);
+
+impl KnownCapabilities {
+    pub fn get(&self) -> Option<Arc<[String]>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, lines: Vec<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lines.into());
+    }
 }
 
 pub struct BoundListener {
@@ -122,6 +138,7 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
                 config: l.clone(),
                 server_tls: server_tls.clone(),
                 upstream_tls,
+                upstream_capabilities: KnownCapabilities::default(),
             }),
             tcp,
         });
@@ -268,8 +285,8 @@ async fn handle(
     let conn = Conn { app, ctx, peer };
     match conn.ctx.config.protocol {
         Protocol::Imap => session::run(imap::Imap, conn, tcp, cancel).await,
-        Protocol::Smtp => session::run(smtp::Smtp::default(), conn, tcp, cancel).await,
-        Protocol::Pop3 => session::run(pop3::Pop3::default(), conn, tcp, cancel).await,
+        Protocol::Smtp => session::run(smtp::Smtp, conn, tcp, cancel).await,
+        Protocol::Pop3 => session::run(pop3::Pop3, conn, tcp, cancel).await,
     }
 }
 
