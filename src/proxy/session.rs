@@ -77,7 +77,8 @@ async fn log_in<D: Dialect>(
     if client.write_all(&session.greeting()).await.is_err() {
         return None;
     }
-    let mut buf = vec![0u8; 4096];
+    // Reads carry the client's LOGIN line or SASL blob: wiped when the login phase ends.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; 4096]);
     loop {
         while let Some(action) = session.next_action() {
             match action {
