@@ -13,14 +13,13 @@ use nom::character::complete::digit1;
 use nom::combinator::{all_consuming, map, map_res, opt};
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
+use zeroize::Zeroizing;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
-    trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine, UpAction, UpOutcome,
+    extend_wiping, trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine,
+    UpAction, UpOutcome,
 };
-use zeroize::Zeroizing;
-
-use super::extend_wiping;
 use crate::secret::{Secret, SensitiveBytes};
 
 pub use super::ClientAction as Action;
@@ -227,7 +226,7 @@ impl ClientSession {
         let head = if self.command.is_empty() {
             self.core.input.peek(ID_PREFIX_SCAN)
         } else {
-            &self.command[..]
+            &self.command
         };
         if matches!(self.state, State::Command) && beyond && is_id_command(head) {
             limits.max_id_command
@@ -554,6 +553,7 @@ fn is_tag_char(b: u8) -> bool {
 
 /// `tag SP "ID" SP "("`: the start of an ID command with parameters.
 fn is_id_command(raw: &[u8]) -> bool {
+    let raw = &raw[..raw.len().min(ID_PREFIX_SCAN)];
     let tag_len = raw.iter().take_while(|&&b| is_tag_char(b)).count();
     let rest = &raw[tag_len..];
     tag_len > 0 && rest.len() >= 5 && rest[..5].eq_ignore_ascii_case(b" ID (")

@@ -9,13 +9,13 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use zeroize::Zeroizing;
+
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
     trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine, UpAction, UpOutcome,
     UpstreamMachine,
 };
-use zeroize::Zeroizing;
-
 use crate::secret::{Secret, SensitiveBytes};
 
 pub const MAX_LINE: usize = 4096;

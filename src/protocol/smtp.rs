@@ -9,13 +9,13 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use zeroize::Zeroizing;
+
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
     find_line_end, trim_eol, Core, Credentials, Failure, SessionMachine, UpAction, UpOutcome,
     UpstreamMachine,
 };
-use zeroize::Zeroizing;
-
 use crate::secret::{Secret, SensitiveBytes};
 
 /// RFC 4954 §4 asks for room for long SASL lines; commands are 512 octets but be lenient.
