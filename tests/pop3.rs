@@ -170,6 +170,43 @@ async fn capa_keeps_gmail_capabilities_and_auth_plain_forms_work() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn strangers_capa_reaches_nothing_upstream() {
+    let w = world(PopTls::Stls, "none").await;
+    for _ in 0..21 {
+        let mut c = greet(&w).await;
+        c.send_line("CAPA").await;
+        assert_eq!(c.read_line().await, "+OK Capability list follows");
+        let capa = String::from_utf8(c.read_pop_multiline().await).unwrap();
+        assert!(
+            capa.starts_with("USER\r\n") && capa.contains("SASL PLAIN\r\n"),
+            "{capa}"
+        );
+        c.send_line("QUIT").await;
+        assert!(c.read_line().await.starts_with("+OK"));
+    }
+    let mut c = greet(&w).await;
+    c.send_line(&format!("USER {ALICE}")).await;
+    c.read_line().await;
+    c.send_line("PASS wrong").await;
+    assert!(c.read_line().await.starts_with("-ERR [AUTH] "));
+    assert_eq!(
+        w.pop.connections(),
+        0,
+        "nothing went upstream before a password check"
+    );
+    c.send_line(&format!("USER {ALICE}")).await;
+    c.read_line().await;
+    c.send_line(&format!("PASS {}", w.password)).await;
+    assert_eq!(c.read_line().await, "+OK Welcome.");
+    assert_eq!(w.pop.connections(), 1);
+    assert!(
+        w.pop.protocol_violations().is_empty(),
+        "{:?}",
+        w.pop.protocol_violations()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn failures_are_auth_or_sys_temp_as_the_interface_says() {
     let w = world(PopTls::Implicit, "none").await;
     let mut c = greet(&w).await;

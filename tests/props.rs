@@ -332,6 +332,7 @@ fn smtp(opts: u8) -> impl Fn() -> smtp::ClientSession {
         smtp::ClientSession::new(smtp::SessionOptions {
             starttls_offered: opts & 1 != 0,
             login_allowed: opts & 2 != 0,
+            upstream_extensions: None,
         })
     }
 }
@@ -341,6 +342,7 @@ fn pop3(opts: u8) -> impl Fn() -> pop3::ClientSession {
         pop3::ClientSession::new(pop3::SessionOptions {
             starttls_offered: opts & 1 != 0,
             login_allowed: opts & 2 != 0,
+            upstream_capa: None,
         })
     }
 }
@@ -972,9 +974,8 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn login_action(tag: &[u8], user: &[u8], pass: &[u8]) -> ClientAction {
+fn login_action(user: &[u8], pass: &[u8]) -> ClientAction {
     ClientAction::Login {
-        tag: lossy(tag),
         credentials: Credentials {
             username: lossy(user),
             password: Secret::new(lossy(pass)),
@@ -1034,7 +1035,7 @@ proptest! {
             let reply = format!("{t} NO [AUTHENTICATIONFAILED] Empty credentials\r\n");
             ClientAction::Send(reply.into())
         } else {
-            login_action(&tag, &u, &p)
+            login_action(&u, &p)
         };
         prop_assert_eq!(actions.first(), Some(&expected));
     }
@@ -1099,11 +1100,11 @@ proptest! {
                 prop_assert_eq!(data.len(), 1);
                 let theirs = decode_plain(&data[0]).expect("a valid PLAIN message");
                 prop_assert_eq!(theirs.username, lossy(&user));
-                prop_assert_eq!(result, Some(&login_action(&tag, &user, &pass)));
+                prop_assert_eq!(result, Some(&login_action(&user, &pass)));
             }
             ("LOGIN", _) => {
                 prop_assert_eq!(&data, &vec![user.clone(), pass.clone()]);
-                prop_assert_eq!(result, Some(&login_action(&tag, &user, &pass)));
+                prop_assert_eq!(result, Some(&login_action(&user, &pass)));
             }
             _ => {
                 let name = lossy(&name).to_ascii_uppercase();
@@ -1143,7 +1144,7 @@ proptest! {
                 if u.is_empty() || p.is_empty() {
                     prop_assert!(bad_or_no(ours), "{:?}", ours);
                 } else {
-                    prop_assert_eq!(ours, Some(&login_action(&tag, u, p)));
+                    prop_assert_eq!(ours, Some(&login_action(u, p)));
                 }
             }
             Err(CommandDecodeError::Failed) => {
@@ -1169,7 +1170,7 @@ proptest! {
                         panic!("imap-codec read {:?}", command.body);
                     };
                     let (u, p) = (username.as_ref(), password.declassify().as_ref());
-                    let theirs = login_action(&tag, u, p);
+                    let theirs = login_action(u, p);
                     prop_assert_eq!(ours, Some(&theirs));
                 } else {
                     prop_assert!(bad_or_no(ours), "{:?}", ours);
@@ -1261,10 +1262,7 @@ fn raw_utf8_in_a_quoted_password_is_accepted_though_imap4rev1_forbids_it() {
     let cmd = "a LOGIN alice \"pässwörd\"\r\n".as_bytes();
     assert!(codec_fails(cmd));
     let (actions, _) = imap_answers(cmd, 7);
-    assert_eq!(
-        actions[0],
-        login_action(b"a", b"alice", "pässwörd".as_bytes())
-    );
+    assert_eq!(actions[0], login_action(b"alice", "pässwörd".as_bytes()));
 }
 
 #[test]
@@ -1272,7 +1270,7 @@ fn nul_inside_a_literal_is_passed_on_though_char8_excludes_it() {
     let cmd = b"a LOGIN alice {3+}\r\na\0b\r\n";
     assert!(codec_fails(cmd));
     let (actions, _) = imap_answers(cmd, 7);
-    assert_eq!(actions[0], login_action(b"a", b"alice", b"a\0b"));
+    assert_eq!(actions[0], login_action(b"alice", b"a\0b"));
 }
 
 #[test]
@@ -1280,7 +1278,7 @@ fn a_bare_lf_ends_a_line() {
     let cmd = b"a LOGIN alice local-secret\n";
     assert!(codec_fails(cmd));
     let (actions, _) = imap_answers(cmd, 7);
-    assert_eq!(actions[0], login_action(b"a", b"alice", b"local-secret"));
+    assert_eq!(actions[0], login_action(b"alice", b"local-secret"));
 }
 
 #[test]
@@ -1307,4 +1305,94 @@ fn an_empty_initial_response_must_be_sent_as_equals() {
     assert!(!codec_fails(cmd));
     let (actions, _) = imap_answers(cmd, 7);
     assert!(bad_or_no(actions.first()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// IMAP ID up to RFC 2971's limits
+
+/// A string's value and its encoding.
+type Encoded = (Vec<u8>, Vec<u8>);
+
+/// An ID string (quoted or literal) of `len` octets.
+fn id_string(len: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Encoded> {
+    let text_char = (1u8..0x80).prop_filter("TEXT-CHAR", |b| *b != b'\r' && *b != b'\n');
+    (vec(text_char, len), 0u8..4).prop_map(|(v, form)| {
+        let enc = match form {
+            0 => literal(&v, true),
+            1 => literal(&v, false),
+            _ => quote(&v),
+        };
+        (v, enc)
+    })
+}
+
+/// RFC 2971: at most 30 pairs, names of at most 30 octets, values of at most 1024 or NIL.
+fn id_pairs() -> impl Strategy<Value = Vec<(Encoded, Option<Encoded>)>> {
+    vec(
+        (
+            id_string(1..=30),
+            proptest::option::weighted(0.9, id_string(0..=1024)),
+        ),
+        0..=30,
+    )
+}
+
+proptest! {
+    #![proptest_config(cases(48))]
+
+    #[test]
+    fn id_commands_within_rfc_2971_limits_are_answered_however_split(
+        tag in tag(), mask: u32, pairs in id_pairs(), shape: u8,
+    ) {
+        let mut cmd = [&tag[..], b" ", &cased("ID", mask), b" ("].concat();
+        for (i, ((name, name_enc), value)) in pairs.iter().enumerate() {
+            // Each string is one imap-codec reads back as its value (it has no ID command).
+            let value_enc = value.as_ref().map_or(&b"NIL"[..], |(_, enc)| enc);
+            if let Some((v, enc)) = value.as_ref().filter(|(v, _)| !v.is_empty()) {
+                let login = [b"t LOGIN ", &name_enc[..], b" ", enc, b"\r\n"].concat();
+                let (_, command) = CommandCodec::default().decode(&login).expect("strings parse");
+                let CommandBody::Login { username, password } = command.body else {
+                    panic!("imap-codec read {:?}", command.body);
+                };
+                prop_assert_eq!(username.as_ref(), &name[..]);
+                prop_assert_eq!(password.declassify().as_ref(), &v[..]);
+            }
+            if i > 0 {
+                cmd.push(b' ');
+            }
+            cmd.extend_from_slice(&[&name_enc[..], b" ", value_enc].concat());
+        }
+        cmd.extend_from_slice(b")\r\nn NOOP\r\n");
+        let events = drive_client(imap(2)(), &chunks(&cmd, shape), 0);
+        let replies = sent(&events).replace("+ Ready for literal data\r\n", "");
+        let t = lossy(&tag);
+        let version = env!("CARGO_PKG_VERSION");
+        prop_assert_eq!(
+            replies,
+            format!("* ID (\"name\" \"xoauth2-proxy\" \"version\" \"{version}\")\r\n{t} OK ID completed\r\nn OK NOOP completed\r\n")
+        );
+    }
+}
+
+#[test]
+fn only_an_id_gets_the_larger_line_bound() {
+    let d = Limits::default();
+    let long = "v".repeat(d.max_line);
+    for cmd in [
+        format!("a LOGIN alice \"{long}\"\r\n"),
+        format!("a NOOP (\"{long}\")\r\n"),
+        format!("a IDX (\"{long}\")\r\n"),
+        format!("a ID \"{long}\"\r\n"),
+    ] {
+        let events = drive_client(imap(2)(), &[cmd.as_bytes()], 0);
+        assert_eq!(
+            sent(&events),
+            "* BYE [TOOBIG] Line too long\r\n",
+            "{}",
+            &cmd[..12]
+        );
+    }
+    let over = format!("a ID (\"{}\")\r\n", "v".repeat(d.max_id_command));
+    let events = drive_client(imap(2)(), &[over.as_bytes()], 0);
+    assert_eq!(sent(&events), "* BYE [TOOBIG] Line too long\r\n");
 }

@@ -223,7 +223,7 @@ async fn ehlo_promises_upstream_extensions_and_bdat_passes_through() {
     assert_eq!(
         lines,
         vec![
-            "250-smtp.gmail.com at your service, [127.0.0.1]",
+            "250-localhost at your service",
             "250-SIZE 35882577",
             "250-8BITMIME",
             "250-AUTH PLAIN LOGIN",
@@ -280,6 +280,38 @@ async fn envelope_pipelined_after_auth_plain_waits_for_235() {
         "{:?}",
         w.smtp.received_before_auth_result()
     );
+    assert!(
+        w.smtp.protocol_violations().is_empty(),
+        "{:?}",
+        w.smtp.protocol_violations()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_ehlo_reaches_nothing_upstream_and_a_login_connects_once() {
+    let w = world(SmtpMode::StartTls, "none").await;
+    for _ in 0..21 {
+        let mut c = TestClient::connect(w.proxy.addrs[0]).await;
+        assert!(c.read_line().await.starts_with("220 "));
+        ehlo(&mut c).await;
+        c.send_line("HELO client.example").await;
+        assert_eq!(c.read_line().await, "250 localhost at your service");
+        c.send_line("EHLO bad\x1bname").await;
+        assert_eq!(c.read_smtp_reply().await.0, 501);
+        c.send_line("QUIT").await;
+        assert_eq!(c.read_smtp_reply().await.0, 221);
+    }
+    let mut c = TestClient::connect(w.proxy.addrs[0]).await;
+    c.read_line().await;
+    ehlo(&mut c).await;
+    assert_eq!(auth_plain(&mut c, ALICE, "wrong").await.0, 535);
+    assert_eq!(
+        w.smtp.connections(),
+        0,
+        "nothing went upstream before a password check"
+    );
+    assert_eq!(auth_plain(&mut c, ALICE, &w.password).await.0, 235);
+    assert_eq!(w.smtp.connections(), 1);
     assert!(
         w.smtp.protocol_violations().is_empty(),
         "{:?}",

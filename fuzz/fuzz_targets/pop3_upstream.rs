@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
 
     let lines = UpstreamPop::lines(stream);
     let offered = opts & 8 != 0;
-    let capa = rewrite_capa(Some(&lines), offered);
+    let capa = rewrite_capa(&lines, offered);
     assert_eq!(capa.iter().filter(|c| *c == "SASL PLAIN").count(), 1);
     let stls = capa
         .iter()

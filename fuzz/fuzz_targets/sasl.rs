@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         // Strict: only the canonical encoding of some bytes is accepted.
         Ok(bytes) if trimmed == b"=" => assert!(bytes.is_empty()),
         Ok(bytes) => {
-            assert_eq!(STANDARD.encode(&bytes).as_bytes(), trimmed);
+            assert_eq!(STANDARD.encode(&*bytes).as_bytes(), trimmed);
             plain_checks(&bytes);
         }
         Err(e) => assert_eq!(e, SaslError::BadBase64),
@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         let xo = xoauth2(user, &Secret::new(token));
         let raw = decode_b64(xo.expose().as_bytes()).expect("our own base64 decodes");
         assert_eq!(
-            raw,
+            *raw,
             format!("user={user}\x01auth=Bearer {token}\x01\x01").into_bytes()
         );
     }

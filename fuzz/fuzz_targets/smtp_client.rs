@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
         ClientSession::new(SessionOptions {
             starttls_offered: opts & 1 != 0,
             login_allowed: opts & 2 != 0,
+            upstream_extensions: None,
         })
     };
     check_client(make, stream, shape, choices);

@@ -1,13 +1,13 @@
 //! A model driver for the sans-I/O authentication machines, shared by the fuzz targets and by
 //! `tests/props.rs`: it feeds a byte stream in chunks, answers every action the way
-//! `proxy::session` / `proxy::upstream` would (accepting or refusing logins, answering queries,
-//! completing TLS at once) and records what happened, checking bounds as it goes.
+//! `proxy::session` / `proxy::upstream` would (accepting or refusing logins, completing TLS at
+//! once) and records what happened, checking bounds as it goes.
 
 use std::cell::Cell;
 use std::fmt::Debug;
 
 use xoauth2_proxy::protocol::{
-    imap, pop3, smtp, ClientAction, ClientSession, Query, UpAction, UpOutcome, UpstreamMachine,
+    imap, pop3, smtp, ClientAction, ClientSession, Failure, UpAction, UpOutcome, UpstreamMachine,
 };
 use xoauth2_proxy::secret::Secret;
 
@@ -136,10 +136,6 @@ impl Event {
 
 /// A protocol's client session as the model driver sees it.
 pub trait Client: ClientSession + Debug + Sized {
-    /// Answer a `Query` as the driver would, successfully or not.
-    fn answer(&mut self, query: &Query, ok: bool);
-    /// What the driver sends when a login fails.
-    fn refusal(tag: &str) -> Vec<u8>;
     /// Most input the session may hold once it has consumed all it can.
     fn max_buffered(&self) -> usize;
     /// Longest single reply the session may produce.
@@ -185,8 +181,7 @@ fn check_action<S: Client>(s: &S, a: &ClientAction) {
             assert!(credentials.username.len() <= s.max_credential());
             assert!(credentials.password.expose().len() <= s.max_credential());
         }
-        ClientAction::Query(Query::Hello { domain }) => assert!(domain.len() <= 4 * 255),
-        ClientAction::Query(Query::Capa) | ClientAction::StartTls | ClientAction::Close => {}
+        ClientAction::StartTls | ClientAction::Close => {}
     }
 }
 
@@ -212,11 +207,7 @@ pub fn drive_client<S: Client>(mut s: S, chunks: &[&[u8]], choices: u8) -> Vec<E
             match &a {
                 ClientAction::Close => closed = true,
                 ClientAction::StartTls => s.tls_established(),
-                ClientAction::Query(q) => {
-                    let ok = choices.choose();
-                    s.answer(q, ok);
-                }
-                ClientAction::Login { tag, .. } => {
+                ClientAction::Login { .. } => {
                     if choices.choose() {
                         for rest in &chunks[i + 1..] {
                             s.feed(rest);
@@ -225,8 +216,7 @@ pub fn drive_client<S: Client>(mut s: S, chunks: &[&[u8]], choices: u8) -> Vec<E
                         events.push(Event::Pending(s.into_pending_input()));
                         return events;
                     }
-                    let refusal = S::refusal(tag);
-                    s.login_rejected(refusal);
+                    s.login_failed(&Failure::BadCredentials);
                 }
                 ClientAction::Send(_) => {}
             }
@@ -265,32 +255,6 @@ pub fn check_client<S: Client>(
     split
 }
 
-pub const GMAIL_EHLO: [&str; 8] = [
-    "smtp.gmail.com at your service, [203.0.113.7]",
-    "SIZE 35882577",
-    "8BITMIME",
-    "AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
-    "ENHANCEDSTATUSCODES",
-    "PIPELINING",
-    "CHUNKING",
-    "SMTPUTF8",
-];
-
-pub const GMAIL_CAPA: [&str; 8] = [
-    "USER",
-    "RESP-CODES",
-    "EXPIRE 0",
-    "LOGIN-DELAY 300",
-    "TOP",
-    "UIDL",
-    "X-GOOGLE-RICO",
-    "SASL PLAIN XOAUTH2 OAUTHBEARER",
-];
-
-fn strings(lines: &[&str]) -> Vec<String> {
-    lines.iter().map(|s| s.to_string()).collect()
-}
-
 /// An IMAP session with the limits it was made with (the session does not show them).
 #[derive(Debug)]
 pub struct Imap {
@@ -303,6 +267,7 @@ pub const SMALL_IMAP_LIMITS: imap::Limits = imap::Limits {
     max_line: 64,
     max_literal: 40,
     max_command: 100,
+    max_id_command: 160,
 };
 
 impl Imap {
@@ -331,8 +296,8 @@ impl ClientSession for Imap {
     fn tls_established(&mut self) {
         self.session.tls_established()
     }
-    fn login_rejected(&mut self, reply: Vec<u8>) {
-        self.session.login_rejected(reply)
+    fn login_failed(&mut self, failure: &Failure) {
+        self.session.login_failed(failure)
     }
     fn into_pending_input(self) -> Vec<u8> {
         self.session.into_pending_input()
@@ -340,14 +305,10 @@ impl ClientSession for Imap {
 }
 
 impl Client for Imap {
-    fn answer(&mut self, query: &Query, _ok: bool) {
-        panic!("IMAP asked {query:?}");
-    }
-    fn refusal(tag: &str) -> Vec<u8> {
-        format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n").into_bytes()
-    }
     fn max_buffered(&self) -> usize {
-        self.limits.max_line.max(self.limits.max_literal)
+        // Only a line that starts as an ID command may reach `max_id_command`.
+        let l = self.limits;
+        l.max_line.max(l.max_literal).max(l.max_id_command)
     }
     fn max_send(&self) -> usize {
         self.limits.max_line + 256
@@ -359,17 +320,6 @@ impl Client for Imap {
 }
 
 impl Client for smtp::ClientSession {
-    fn answer(&mut self, query: &Query, ok: bool) {
-        assert!(matches!(query, Query::Hello { .. }), "SMTP asked {query:?}");
-        self.hello_result(if ok {
-            Ok(strings(&GMAIL_EHLO))
-        } else {
-            Err("421 4.3.0 Upstream unavailable".into())
-        });
-    }
-    fn refusal(_tag: &str) -> Vec<u8> {
-        b"535 5.7.8 Authentication credentials invalid\r\n".to_vec()
-    }
     fn max_buffered(&self) -> usize {
         smtp::MAX_LINE
     }
@@ -383,13 +333,6 @@ impl Client for smtp::ClientSession {
 }
 
 impl Client for pop3::ClientSession {
-    fn answer(&mut self, query: &Query, ok: bool) {
-        assert_eq!(query, &Query::Capa, "POP3 asked {query:?}");
-        self.capa_result(ok.then(|| strings(&GMAIL_CAPA)));
-    }
-    fn refusal(_tag: &str) -> Vec<u8> {
-        b"-ERR [AUTH] Authentication failed\r\n".to_vec()
-    }
     fn max_buffered(&self) -> usize {
         pop3::MAX_LINE
     }

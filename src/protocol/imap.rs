@@ -13,9 +13,13 @@ use nom::character::complete::digit1;
 use nom::combinator::{all_consuming, map, map_res, opt};
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
+use zeroize::Zeroizing;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
-use super::{trim_eol, Core, Credentials, Input, LineTooLong, SessionMachine, UpAction, UpOutcome};
+use super::{
+    extend_wiping, trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine,
+    UpAction, UpOutcome,
+};
 use crate::secret::{Secret, SensitiveBytes};
 
 pub use super::ClientAction as Action;
@@ -29,6 +33,10 @@ pub struct Limits {
     pub max_literal: usize,
     /// Largest command including its literals.
     pub max_command: usize,
+    /// Longest line, and largest command, for an `ID` only: RFC 2971 allows 30 pairs of
+    /// 30-octet names and 1024-octet values, about 31 KiB quoted and up to twice that with
+    /// every octet escaped.
+    pub max_id_command: usize,
 }
 
 impl Default for Limits {
@@ -37,9 +45,13 @@ impl Default for Limits {
             max_line: 8 * 1024,
             max_literal: 8 * 1024,
             max_command: 16 * 1024,
+            max_id_command: 64 * 1024,
         }
     }
 }
+
+/// How far into a command to look for `tag ID (`: longer tags get no larger bound.
+const ID_PREFIX_SCAN: usize = 100;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SessionOptions {
@@ -54,10 +66,20 @@ pub struct SessionOptions {
 #[derive(Debug)]
 enum State {
     Command,
-    SaslPlain { tag: String },
-    SaslLoginUser { tag: String },
-    SaslLoginPassword { tag: String, username: String },
-    Authenticating,
+    SaslPlain {
+        tag: String,
+    },
+    SaslLoginUser {
+        tag: String,
+    },
+    SaslLoginPassword {
+        tag: String,
+        username: String,
+    },
+    /// The driver is logging in for the command tagged `tag`.
+    Authenticating {
+        tag: String,
+    },
     TlsPending,
 }
 
@@ -65,8 +87,8 @@ pub struct ClientSession {
     opts: SessionOptions,
     state: State,
     core: Core,
-    /// The command assembled so far (lines and literals).
-    command: Vec<u8>,
+    /// The command assembled so far (lines and literals); may hold a password.
+    command: Zeroizing<Vec<u8>>,
     literal_left: Option<usize>,
 }
 
@@ -90,7 +112,7 @@ impl ClientSession {
             opts,
             state: State::Command,
             core: Core::default(),
-            command: Vec::new(),
+            command: Zeroizing::new(Vec::new()),
             literal_left: None,
         }
     }
@@ -104,7 +126,7 @@ impl ClientSession {
             State::SaslPlain { .. } => "sasl-plain",
             State::SaslLoginUser { .. } => "sasl-login-user",
             State::SaslLoginPassword { .. } => "sasl-login-password",
-            State::Authenticating => "authenticating",
+            State::Authenticating { .. } => "authenticating",
             State::TlsPending => "tls-pending",
         }
     }
@@ -136,9 +158,35 @@ impl ClientSession {
         Core::next_action(self)
     }
 
-    /// Upstream login failed; `reply` is the complete tagged response for the client.
-    pub fn login_rejected(&mut self, reply: Vec<u8>) {
-        self.core.send(reply);
+    /// The tag of the login command the driver is working on, which upstream reuses so its
+    /// tagged answer can be relayed verbatim.
+    pub fn login_tag(&self) -> Option<&str> {
+        match &self.state {
+            State::Authenticating { tag } => Some(tag),
+            _ => None,
+        }
+    }
+
+    /// The login failed: answer its command with the failure's response code and words.
+    pub fn login_failed(&mut self, failure: &Failure) {
+        let tag = self.login_tag().unwrap_or("*");
+        let text = failure.describe();
+        let line = match failure {
+            Failure::BadCredentials
+            | Failure::NotAuthorized { .. }
+            | Failure::TokenRejected { .. } => {
+                format!("{tag} NO [AUTHENTICATIONFAILED] {text}")
+            }
+            Failure::Misconfigured { .. } => format!("{tag} NO [CONTACTADMIN] {text}"),
+            Failure::Temporary { .. } => format!("{tag} NO [UNAVAILABLE] {text}"),
+            Failure::TooManySessions { .. } => format!("{tag} NO [LIMIT] {text}"),
+            // The server's own words (NO [ALERT] ...), already a complete response after the tag.
+            Failure::UpstreamRefused { line } => format!("{tag} {line}"),
+        };
+        let mut bytes = line.into_bytes();
+        bytes.retain(|&b| b != b'\r' && b != b'\n');
+        bytes.extend_from_slice(b"\r\n");
+        self.core.send(bytes);
         self.state = State::Command;
     }
 
@@ -165,9 +213,34 @@ impl ClientSession {
         self.core.send(text);
     }
 
-    fn take_line(&mut self) -> Option<Vec<u8>> {
-        self.core
-            .line(self.opts.limits.max_line, "* BYE [TOOBIG] Line too long")
+    fn take_line(&mut self) -> Option<Zeroizing<Vec<u8>>> {
+        let limit = self.line_limit();
+        self.core.line(limit, "* BYE [TOOBIG] Line too long")
+    }
+
+    /// An `ID` command may be longer than any other; nothing else gets its bound, and it is
+    /// looked for only when the usual bound would be exceeded.
+    fn line_limit(&self) -> usize {
+        let limits = self.opts.limits;
+        let beyond = self.core.input.len() > limits.max_line;
+        let head = if self.command.is_empty() {
+            self.core.input.peek(ID_PREFIX_SCAN)
+        } else {
+            &self.command
+        };
+        if matches!(self.state, State::Command) && beyond && is_id_command(head) {
+            limits.max_id_command
+        } else {
+            limits.max_line
+        }
+    }
+
+    fn command_limit(&self) -> usize {
+        if is_id_command(&self.command) {
+            self.opts.limits.max_id_command
+        } else {
+            self.opts.limits.max_command
+        }
     }
 }
 
@@ -177,7 +250,7 @@ impl SessionMachine for ClientSession {
     }
 
     fn waiting(&self) -> bool {
-        matches!(self.state, State::Authenticating | State::TlsPending)
+        matches!(self.state, State::Authenticating { .. } | State::TlsPending)
     }
 
     /// Advance by one unit of input. Returns false when nothing more can be done now.
@@ -228,25 +301,26 @@ impl SessionMachine for ClientSession {
 impl ClientSession {
     fn step_command(&mut self) -> bool {
         if let Some(n) = self.literal_left {
-            let Some(octets) = self.core.input.take(n) else {
+            let Some(octets) = self.core.input.take(n).map(Zeroizing::new) else {
                 return false;
             };
-            self.command.extend_from_slice(&octets);
+            extend_wiping(&mut self.command, &octets);
             self.literal_left = None;
             return true;
         }
         let Some(line) = self.take_line() else {
             return false;
         };
-        self.command.extend_from_slice(&line);
-        if self.command.len() > self.opts.limits.max_command {
+        extend_wiping(&mut self.command, &line);
+        let max_command = self.command_limit();
+        if self.command.len() > max_command {
             self.command.clear();
             self.close_with("* BYE [TOOBIG] Command too long");
             return false;
         }
         if let Some((n, sync)) = literal_announcement(trim_eol(&line)) {
             if n > self.opts.limits.max_literal as u64
-                || self.command.len() as u64 + n > self.opts.limits.max_command as u64
+                || self.command.len() as u64 + n > max_command as u64
             {
                 let tag = command_tag(&self.command).unwrap_or("*").to_string();
                 self.command.clear();
@@ -384,10 +458,9 @@ impl ClientSession {
 
     fn login(&mut self, tag: String, username: String, password: Secret) {
         self.core.out.push_back(Action::Login {
-            tag,
             credentials: Credentials { username, password },
         });
-        self.state = State::Authenticating;
+        self.state = State::Authenticating { tag };
     }
 
     fn sasl_error(&mut self, tag: &str, e: SaslError) {
@@ -405,7 +478,7 @@ impl ClientSession {
 
 enum SaslLine {
     Cancel,
-    Data(Result<Vec<u8>, SaslError>),
+    Data(Result<Zeroizing<Vec<u8>>, SaslError>),
 }
 
 fn sasl_response(line: &[u8]) -> SaslLine {
@@ -421,9 +494,10 @@ fn sasl_response(line: &[u8]) -> SaslLine {
 fn literal_announcement(line: &[u8]) -> Option<(u64, bool)> {
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
-    // A literal is a whole argument: `pw{3}` is an atom-ish word with braces, not a literal,
-    // and must not make us wait for (and swallow) octets of the next command.
-    if open == 0 || inner[open - 1] != b' ' {
+    // A literal is a whole argument (or the first of a list, as in `ID ({4}`): `pw{3}` is an
+    // atom-ish word with braces, not a literal, and must not make us wait for (and swallow)
+    // octets of the next command.
+    if open == 0 || !matches!(inner[open - 1], b' ' | b'(') {
         return None;
     }
     let spec = &inner[open + 1..];
@@ -450,7 +524,7 @@ enum Command {
     StartTls,
     Login {
         username: Vec<u8>,
-        password: Vec<u8>,
+        password: Zeroizing<Vec<u8>>,
     },
     Authenticate {
         mechanism: String,
@@ -475,6 +549,14 @@ fn is_astring_char(b: u8) -> bool {
 
 fn is_tag_char(b: u8) -> bool {
     is_astring_char(b) && b != b'+'
+}
+
+/// `tag SP "ID" SP "("`: the start of an ID command with parameters.
+fn is_id_command(raw: &[u8]) -> bool {
+    let raw = &raw[..raw.len().min(ID_PREFIX_SCAN)];
+    let tag_len = raw.iter().take_while(|&&b| is_tag_char(b)).count();
+    let rest = &raw[tag_len..];
+    tag_len > 0 && rest.len() >= 5 && rest[..5].eq_ignore_ascii_case(b" ID (")
 }
 
 fn command_tag(raw: &[u8]) -> Option<&str> {
@@ -519,7 +601,8 @@ fn literal(i: &[u8]) -> IResult<&[u8], Vec<u8>> {
 /// send UTF-8 passwords in quotes), CR and LF are not.
 fn quoted(i: &[u8]) -> IResult<&[u8], Vec<u8>> {
     let (mut rest, _) = tag(&b"\""[..]).parse(i)?;
-    let mut out = Vec::new();
+    // Sized once: growing would leave copies of a quoted password behind.
+    let mut out = Vec::with_capacity(rest.len());
     loop {
         match rest.first() {
             Some(b'"') => return Ok((&rest[1..], out)),
@@ -568,7 +651,10 @@ fn login_args(i: &[u8]) -> IResult<&[u8], Command> {
             (preceded(sp, astring), preceded(sp, astring)),
             crlf,
         )),
-        |(username, password)| Command::Login { username, password },
+        |(username, password)| Command::Login {
+            username,
+            password: Zeroizing::new(password),
+        },
     )
     .parse(i)
 }

@@ -1,10 +1,14 @@
 //! Sans-I/O protocol code: the authentication phases of IMAP, SMTP and POP3 as state machines
 //! that take bytes in and hand back actions, plus the SASL pieces they share.
 
+use zeroize::{Zeroize, Zeroizing};
+
 use crate::secret::SensitiveBytes;
 
+pub mod failure;
 pub mod proxy_header;
 pub mod sasl;
+pub use failure::Failure;
 use sasl::ErrorChallenge;
 
 /// What the client asked to log in with, once its credentials are complete.
@@ -15,7 +19,8 @@ pub struct Credentials {
 }
 
 /// What a client sent before login, not yet consumed: read as lines of bounded length (and,
-/// for IMAP literals, counted octets).
+/// for IMAP literals, counted octets). Bytes may be a password, so none is left behind in
+/// memory once consumed, moved or dropped.
 #[derive(Default)]
 pub(crate) struct Input {
     buf: Vec<u8>,
@@ -28,7 +33,7 @@ pub(crate) struct LineTooLong;
 
 impl Input {
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        extend_wiping(&mut self.buf, bytes);
     }
 
     /// The next complete line (with its line end), None if it has not all arrived.
@@ -36,7 +41,7 @@ impl Input {
         match find_line_end(&self.buf, self.scan_from) {
             Some(end) if end <= max => {
                 self.scan_from = 0;
-                Ok(Some(self.buf.drain(..end).collect()))
+                Ok(Some(self.consume(end)))
             }
             Some(_) => Err(LineTooLong),
             None if self.buf.len() > max => Err(LineTooLong),
@@ -53,11 +58,26 @@ impl Input {
             return None;
         }
         self.scan_from = 0;
-        Some(self.buf.drain(..n).collect())
+        Some(self.consume(n))
+    }
+
+    /// The first `n` bytes; the rest moves to the front, and the tail it leaves is wiped.
+    fn consume(&mut self, n: usize) -> Vec<u8> {
+        let head = self.buf[..n].to_vec();
+        let rest = self.buf.len() - n;
+        self.buf.copy_within(n.., 0);
+        self.buf[rest..].zeroize();
+        self.buf.truncate(rest);
+        head
+    }
+
+    /// Up to `n` bytes from the start, not consumed.
+    pub fn peek(&self, n: usize) -> &[u8] {
+        &self.buf[..n.min(self.buf.len())]
     }
 
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.buf.zeroize();
         self.scan_from = 0;
     }
 
@@ -65,9 +85,28 @@ impl Input {
         self.buf.len()
     }
 
-    pub fn into_inner(self) -> Vec<u8> {
-        self.buf
+    pub fn into_inner(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
+}
+
+/// Append `bytes`, growing into a new allocation by hand so that the old one is wiped, not
+/// just freed with a copy of what may be a password in it.
+pub(crate) fn extend_wiping(buf: &mut Vec<u8>, bytes: &[u8]) {
+    let needed = buf.len() + bytes.len();
+    if needed > buf.capacity() {
+        let mut grown = Vec::with_capacity(needed.max(2 * buf.capacity()));
+        grown.extend_from_slice(buf);
+        buf.zeroize();
+        *buf = grown;
+    }
+    buf.extend_from_slice(bytes);
 }
 
 /// What every client session keeps besides its protocol state: unread input, the actions
@@ -82,7 +121,7 @@ pub(crate) struct Core {
 /// A client session as [`Core::next_action`] drives it.
 pub(crate) trait SessionMachine {
     fn core(&mut self) -> &mut Core;
-    /// Waiting for the driver (a login, a TLS handshake, a query): input is held, not read.
+    /// Waiting for the driver (a login, a TLS handshake): input is held, not read.
     fn waiting(&self) -> bool;
     /// Interpret the next unit of input; false when nothing more can be done now.
     fn step(&mut self) -> bool;
@@ -107,10 +146,11 @@ impl Core {
         self.input.clear();
     }
 
-    /// The next line, or None (more input needed, or too long: then `too_long` closes).
-    pub fn line(&mut self, max: usize, too_long: &str) -> Option<Vec<u8>> {
+    /// The next line, or None (more input needed, or too long: then `too_long` closes). Wiped
+    /// when dropped: it may be a LOGIN command or a SASL response.
+    pub fn line(&mut self, max: usize, too_long: &str) -> Option<Zeroizing<Vec<u8>>> {
         match self.input.line(max) {
-            Ok(line) => line,
+            Ok(line) => line.map(Zeroizing::new),
             Err(LineTooLong) => {
                 self.close_with(too_long);
                 None
@@ -157,25 +197,10 @@ pub enum ClientAction {
     /// `tls_established`.
     StartTls,
     /// The client gave credentials: verify them and log in upstream, then call
-    /// `login_rejected` or `into_pending_input`. Bytes fed meanwhile are held, not interpreted.
-    /// `tag` is the IMAP command tag (empty for SMTP and POP3).
-    Login {
-        tag: String,
-        credentials: Credentials,
-    },
-    /// A question only upstream can answer before login; call the session's answer method.
-    Query(Query),
+    /// `login_failed` or `into_pending_input`. Bytes fed meanwhile are held, not interpreted.
+    Login { credentials: Credentials },
     /// Close the connection (after sending what was queued).
     Close,
-}
-
-/// Pre-login questions a session passes to upstream.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Query {
-    /// SMTP EHLO/HELO: upstream's extensions, so the client is promised what holds after login.
-    Hello { domain: String },
-    /// POP3 CAPA: upstream's capabilities.
-    Capa,
 }
 
 /// The client half of a protocol's authentication phase, driven by `proxy`.
@@ -186,8 +211,8 @@ pub trait ClientSession: Send {
     fn next_action(&mut self) -> Option<ClientAction>;
     /// TLS is up after a `ClientAction::StartTls`.
     fn tls_established(&mut self);
-    /// The login failed; `reply` is the complete response for the client.
-    fn login_rejected(&mut self, reply: Vec<u8>);
+    /// The login failed: queue the protocol's reply for this class of failure.
+    fn login_failed(&mut self, failure: &Failure);
     /// The login succeeded: what the client sent after its login command, for upstream.
     fn into_pending_input(self) -> Vec<u8>;
 }
@@ -208,8 +233,8 @@ macro_rules! impl_client_session {
             fn tls_established(&mut self) {
                 <$t>::tls_established(self)
             }
-            fn login_rejected(&mut self, reply: Vec<u8>) {
-                <$t>::login_rejected(self, reply)
+            fn login_failed(&mut self, failure: &$crate::protocol::Failure) {
+                <$t>::login_failed(self, failure)
             }
             fn into_pending_input(self) -> Vec<u8> {
                 <$t>::into_pending_input(self)
@@ -262,10 +287,32 @@ pub mod imap;
 pub mod pop3;
 pub mod smtp;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumed_lines_leave_no_copy_behind_in_the_buffer() {
+        let mut input = Input::default();
+        input.push(b"a1 LOGIN alice hunter2-secret\r\nn\r\n");
+        let held = input.buf.len();
+        let line = input.line(100).ok().flatten();
+        assert_eq!(
+            line.as_deref(),
+            Some(&b"a1 LOGIN alice hunter2-secret\r\n"[..])
+        );
+        // SAFETY: these `held` bytes were initialised by the push; truncating keeps them
+        // allocated, which is what is looked at here.
+        let memory = unsafe { std::slice::from_raw_parts(input.buf.as_ptr(), held) };
+        assert_eq!(&memory[..3], b"n\r\n");
+        assert!(memory[3..].iter().all(|&b| b == 0));
+    }
+}
+
 /// Helpers for the transcript tests of every protocol.
 #[cfg(test)]
 pub(crate) mod testkit {
-    use super::{ClientAction, ClientSession, UpAction, UpstreamMachine};
+    use super::{ClientAction, ClientSession, Failure, UpAction, UpstreamMachine};
 
     /// Feed `input` and collect actions until the session needs more.
     pub fn run<S: ClientSession>(s: &mut S, input: &[u8]) -> Vec<ClientAction> {
@@ -288,6 +335,41 @@ pub(crate) mod testkit {
     pub fn up_run<M: UpstreamMachine>(m: &mut M, input: &[u8]) -> Vec<UpAction> {
         m.feed(input);
         std::iter::from_fn(|| m.next_action()).collect()
+    }
+
+    /// One failure of each class, as the driver hands them to a session; `refusal` is what
+    /// upstream said when it refused the login.
+    pub fn every_failure(refusal: &str) -> [Failure; 8] {
+        let email = || "alice@gmail.com".to_string();
+        [
+            Failure::BadCredentials,
+            Failure::NotAuthorized {
+                email: email(),
+                detail: "not authorized yet".into(),
+            },
+            Failure::NotAuthorized {
+                email: email(),
+                detail: "invalid_grant: Token has been expired or revoked.".into(),
+            },
+            Failure::Misconfigured {
+                email: email(),
+                detail: "invalid_client: The OAuth client was not found.".into(),
+            },
+            Failure::Temporary {
+                detail: "token endpoint returned 503".into(),
+            },
+            Failure::TokenRejected {
+                email: email(),
+                detail: "status 400, required scope https://mail.google.com/".into(),
+            },
+            Failure::UpstreamRefused {
+                line: refusal.into(),
+            },
+            Failure::TooManySessions {
+                email: email(),
+                limit: 15,
+            },
+        ]
     }
 
     /// Everything the actions send upstream, as text.

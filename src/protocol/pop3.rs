@@ -1,15 +1,19 @@
 //! POP3 authorization state, sans-I/O.
 //!
 //! [`ClientSession`] is the proxy as a POP3 server until `PASS` or `AUTH PLAIN` gives it
-//! credentials (CAPA is answered from upstream's list, rewritten). [`UpstreamPop`] greets
-//! upstream (optionally STLS) and either fetches its CAPA or runs the two-step
-//! `AUTH XOAUTH2` (POP3 commands are limited to 255 octets, so never inline).
+//! credentials (CAPA is answered locally from the list upstream is known to offer, rewritten:
+//! a stranger's CAPA reaches nothing upstream). [`UpstreamPop`] greets upstream (optionally
+//! STLS) and either fetches its CAPA or runs the two-step `AUTH XOAUTH2` (POP3 commands are
+//! limited to 255 octets, so never inline).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
-    trim_eol, Core, Credentials, Input, LineTooLong, SessionMachine, UpAction, UpOutcome,
+    trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine, UpAction, UpOutcome,
     UpstreamMachine,
 };
 use crate::secret::{Secret, SensitiveBytes};
@@ -17,17 +21,30 @@ use crate::secret::{Secret, SensitiveBytes};
 pub const MAX_LINE: usize = 4096;
 
 pub use super::ClientAction as Action;
-use super::Query;
 
-#[derive(Debug, Clone, Copy)]
+/// Gmail's CAPA list (protocol-facts §1.4), promised until a login has shown what the
+/// listener's upstream really offers.
+pub const GMAIL_CAPA: [&str; 8] = [
+    "USER",
+    "RESP-CODES",
+    "EXPIRE 0",
+    "LOGIN-DELAY 300",
+    "TOP",
+    "UIDL",
+    "X-GOOGLE-RICO",
+    "SASL PLAIN XOAUTH2 OAUTHBEARER",
+];
+
+#[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
     pub starttls_offered: bool,
     pub login_allowed: bool,
+    /// Upstream's capability lines as last seen; None: Gmail's.
+    pub upstream_capa: Option<Arc<[String]>>,
 }
 
 enum State {
     Command,
-    AwaitCapa,
     AuthPlain,
     Authenticating,
     TlsPending,
@@ -74,14 +91,13 @@ impl ClientSession {
         Core::next_action(self)
     }
 
-    /// Upstream's capability lines (without the `+OK` line and the final `.`), or None when
-    /// upstream could not be asked (a local list is sent then).
-    pub fn capa_result(&mut self, upstream: Option<Vec<String>>) {
-        if !matches!(self.state, State::AwaitCapa) {
-            return;
-        }
-        self.state = State::Command;
-        let lines = rewrite_capa(upstream.as_deref(), self.opts.starttls_offered);
+    /// Answered here, not by upstream: nobody reaches upstream before a password check.
+    fn capa(&mut self) {
+        let starttls = self.opts.starttls_offered;
+        let lines = match &self.opts.upstream_capa {
+            Some(known) => rewrite_capa(known, starttls),
+            None => rewrite_capa(&GMAIL_CAPA, starttls),
+        };
         let mut text = String::from("+OK Capability list follows\r\n");
         for l in lines {
             text.push_str(&l);
@@ -91,7 +107,32 @@ impl ClientSession {
         self.send(text);
     }
 
-    pub fn login_rejected(&mut self, reply: Vec<u8>) {
+    /// The login failed: `-ERR` with the RFC 3206 response code for the failure's class, or
+    /// upstream's own refusal.
+    pub fn login_failed(&mut self, failure: &Failure) {
+        let code = match failure {
+            Failure::BadCredentials
+            | Failure::NotAuthorized { .. }
+            | Failure::TokenRejected { .. } => "-ERR [AUTH]",
+            Failure::Misconfigured { .. } => "-ERR [SYS/PERM]",
+            Failure::Temporary { .. } => "-ERR [SYS/TEMP]",
+            Failure::TooManySessions { .. } => "-ERR [IN-USE]",
+            Failure::UpstreamRefused { line } => {
+                let mut bytes = line.trim_end().as_bytes().to_vec();
+                bytes.extend_from_slice(b"\r\n");
+                return self.refused(bytes);
+            }
+        };
+        let text: String = failure
+            .describe()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(480)
+            .collect();
+        self.refused(format!("{code} {text}\r\n").into_bytes());
+    }
+
+    fn refused(&mut self, reply: Vec<u8>) {
         self.core.send(reply);
         self.user = None;
         self.state = State::Command;
@@ -124,10 +165,7 @@ impl SessionMachine for ClientSession {
     }
 
     fn waiting(&self) -> bool {
-        matches!(
-            self.state,
-            State::Authenticating | State::TlsPending | State::AwaitCapa
-        )
+        matches!(self.state, State::Authenticating | State::TlsPending)
     }
 
     fn step(&mut self) -> bool {
@@ -154,16 +192,14 @@ impl SessionMachine for ClientSession {
 
 impl ClientSession {
     fn command(&mut self, text: &[u8]) {
-        let text = String::from_utf8_lossy(text);
+        // An owned copy either way, so that it is wiped: the line may carry a password.
+        let text = Zeroizing::new(String::from_utf8_lossy(text).into_owned());
         let (verb, arg) = match text.split_once(' ') {
             Some((v, a)) => (v.to_ascii_uppercase(), a),
             None => (text.to_ascii_uppercase(), ""),
         };
         match verb.as_str() {
-            "CAPA" => {
-                self.core.out.push_back(Action::Query(Query::Capa));
-                self.state = State::AwaitCapa;
-            }
+            "CAPA" => self.capa(),
             "USER" => {
                 let user = arg.trim();
                 if user.is_empty() {
@@ -239,10 +275,7 @@ impl ClientSession {
     }
 
     fn login(&mut self, credentials: Credentials) {
-        self.core.out.push_back(Action::Login {
-            tag: String::new(),
-            credentials,
-        });
+        self.core.out.push_back(Action::Login { credentials });
         self.state = State::Authenticating;
     }
 
@@ -259,11 +292,10 @@ impl ClientSession {
 
 /// The CAPA list for the client: upstream's capabilities with USER and `SASL PLAIN` as the
 /// ways to log in, STLS only where the proxy offers it.
-pub fn rewrite_capa(upstream: Option<&[String]>, starttls_offered: bool) -> Vec<String> {
+pub fn rewrite_capa<S: AsRef<str>>(upstream: &[S], starttls_offered: bool) -> Vec<String> {
     let mut out = vec!["USER".to_string()];
     let mut sasl_added = false;
-    let upstream = upstream.unwrap_or(&[]);
-    for cap in upstream {
+    for cap in upstream.iter().map(AsRef::as_ref) {
         let keyword = cap.split(' ').next().unwrap_or("").to_ascii_uppercase();
         match keyword.as_str() {
             "USER" | "STLS" | "" => {}
@@ -273,7 +305,7 @@ pub fn rewrite_capa(upstream: Option<&[String]>, starttls_offered: bool) -> Vec<
                     sasl_added = true;
                 }
             }
-            _ => out.push(cap.clone()),
+            _ => out.push(cap.to_string()),
         }
     }
     if !sasl_added {

@@ -3,6 +3,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use zeroize::Zeroizing;
 
 use super::Credentials;
 use crate::secret::Secret;
@@ -20,12 +21,16 @@ pub enum SaslError {
 }
 
 /// Strict base64 (standard alphabet, padding required where due). `=` alone means empty.
-pub fn decode_b64(input: &[u8]) -> Result<Vec<u8>, SaslError> {
+/// Wiped when dropped: it is usually a PLAIN message or a password.
+pub fn decode_b64(input: &[u8]) -> Result<Zeroizing<Vec<u8>>, SaslError> {
     let input = super::trim_eol(input);
     if input == b"=" {
-        return Ok(Vec::new());
+        return Ok(Zeroizing::default());
     }
-    STANDARD.decode(input).map_err(|_| SaslError::BadBase64)
+    STANDARD
+        .decode(input)
+        .map(Zeroizing::new)
+        .map_err(|_| SaslError::BadBase64)
 }
 
 /// RFC 4616: `[authzid] NUL authcid NUL passwd`.
@@ -146,7 +151,7 @@ mod tests {
 
     #[test]
     fn plain_rejects_empty_malformed_and_foreign_authzid() {
-        assert_eq!(decode_b64(b"=").unwrap(), b"");
+        assert!(decode_b64(b"=").unwrap().is_empty());
         assert_eq!(decode_plain(b""), Err(SaslError::Empty));
         assert_eq!(decode_plain(b"\0user"), Err(SaslError::Malformed));
         assert_eq!(decode_plain(b"\0\0pw"), Err(SaslError::Malformed));

@@ -1,16 +1,19 @@
 //! SMTP submission authentication phase, sans-I/O.
 //!
 //! [`ClientSession`] is the proxy as an SMTP server towards the client until `AUTH` gives it
-//! credentials. The EHLO answer comes from upstream (rewritten so the extensions the client is
-//! promised hold after authentication), so the session asks its driver for it.
-//! [`UpstreamHello`] greets upstream (banner, EHLO, STARTTLS, EHLO again) and [`UpstreamAuth`]
-//! runs the two-step `AUTH XOAUTH2` there.
+//! credentials. EHLO is answered locally with the extensions upstream is known to offer
+//! (rewritten so what the client is promised holds after authentication): a stranger's EHLO
+//! reaches nothing upstream. [`UpstreamHello`] greets upstream once the password is checked
+//! (banner, EHLO, STARTTLS, EHLO again) and [`UpstreamAuth`] runs the two-step `AUTH XOAUTH2`.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
 
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
-    find_line_end, trim_eol, Core, Credentials, SessionMachine, UpAction, UpOutcome,
+    find_line_end, trim_eol, Core, Credentials, Failure, SessionMachine, UpAction, UpOutcome,
     UpstreamMachine,
 };
 use crate::secret::{Secret, SensitiveBytes};
@@ -19,17 +22,36 @@ use crate::secret::{Secret, SensitiveBytes};
 pub const MAX_LINE: usize = 4096;
 
 pub use super::ClientAction as Action;
-use super::Query;
 
-#[derive(Debug, Clone, Copy)]
+/// Gmail's EHLO extensions once TLS is up (protocol-facts §1.3), promised until a login has
+/// shown what the listener's upstream really offers.
+pub const GMAIL_EXTENSIONS: [&str; 7] = [
+    "SIZE 35882577",
+    "8BITMIME",
+    "AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
+    "ENHANCEDSTATUSCODES",
+    "PIPELINING",
+    "CHUNKING",
+    "SMTPUTF8",
+];
+
+/// The first line of the proxy's own EHLO answer (upstream's names the client's address as
+/// upstream saw it, which is the proxy's).
+const HELLO_LINE: &str = "localhost at your service";
+
+/// RFC 5321 §4.5.3.1.2: the longest domain.
+const MAX_DOMAIN: usize = 255;
+
+#[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
     pub starttls_offered: bool,
     pub login_allowed: bool,
+    /// Upstream's EHLO extensions (without its first line) as last seen; None: Gmail's.
+    pub upstream_extensions: Option<Arc<[String]>>,
 }
 
 enum State {
     Command,
-    AwaitHello { extended: bool },
     AuthPlain,
     AuthLoginUser,
     AuthLoginPassword { username: String },
@@ -40,7 +62,8 @@ enum State {
 pub struct ClientSession {
     opts: SessionOptions,
     state: State,
-    greeted: bool,
+    /// The client's validated EHLO/HELO argument, once it has greeted.
+    domain: Option<String>,
     core: Core,
 }
 
@@ -58,7 +81,6 @@ impl std::fmt::Debug for State {
         // AuthLoginPassword holds a username only, but keep Debug uniform and short.
         let name = match self {
             State::Command => "command",
-            State::AwaitHello { .. } => "await-hello",
             State::AuthPlain => "auth-plain",
             State::AuthLoginUser => "auth-login-user",
             State::AuthLoginPassword { .. } => "auth-login-password",
@@ -76,7 +98,7 @@ impl ClientSession {
         ClientSession {
             opts,
             state: State::Command,
-            greeted: false,
+            domain: None,
             core: Core::default(),
         }
     }
@@ -93,29 +115,32 @@ impl ClientSession {
         Core::next_action(self)
     }
 
-    /// Upstream's EHLO answer (its lines without the `250-`/`250 ` prefixes), or an error line
-    /// to send and close with.
-    pub fn hello_result(&mut self, result: Result<Vec<String>, String>) {
-        let State::AwaitHello { extended } = self.state else {
-            return;
-        };
-        match result {
-            Ok(lines) => {
-                self.greeted = true;
-                self.state = State::Command;
-                let reply = if extended {
-                    rewrite_ehlo(&lines, self.opts.starttls_offered)
-                } else {
-                    let first = lines.first().map(String::as_str).unwrap_or("localhost");
-                    format!("250 {first}\r\n")
-                };
-                self.send(reply);
-            }
-            Err(line) => self.close_with(&line),
-        }
+    /// The client's EHLO/HELO argument, checked to be a domain or address literal: what to
+    /// greet upstream with.
+    pub fn hello_domain(&self) -> Option<&str> {
+        self.domain.as_deref()
     }
 
-    pub fn login_rejected(&mut self, reply: Vec<u8>) {
+    /// The login failed: 535 when the client's credentials or token are at fault, 454 when
+    /// trying again later may help, upstream's own reply when it refused.
+    pub fn login_failed(&mut self, failure: &Failure) {
+        let text = failure.describe();
+        let reply = match failure {
+            Failure::BadCredentials
+            | Failure::NotAuthorized { .. }
+            | Failure::TokenRejected { .. } => one_line("535 5.7.8", &text),
+            Failure::Misconfigured { .. }
+            | Failure::Temporary { .. }
+            | Failure::TooManySessions { .. } => one_line("454 4.7.0", &text),
+            // The server's own reply (e.g. 454 4.7.0 Too many login attempts), verbatim.
+            Failure::UpstreamRefused { line } => {
+                let mut bytes = line.clone().into_bytes();
+                if !bytes.ends_with(b"\r\n") {
+                    bytes.extend_from_slice(b"\r\n");
+                }
+                bytes
+            }
+        };
         self.core.send(reply);
         self.state = State::Command;
     }
@@ -129,7 +154,7 @@ impl ClientSession {
         // RFC 3207 §4.2: back to the post-greeting state; the client must EHLO again.
         self.opts.starttls_offered = false;
         self.opts.login_allowed = true;
-        self.greeted = false;
+        self.domain = None;
         self.core.input.clear();
         self.state = State::Command;
     }
@@ -149,10 +174,7 @@ impl SessionMachine for ClientSession {
     }
 
     fn waiting(&self) -> bool {
-        matches!(
-            self.state,
-            State::Authenticating | State::TlsPending | State::AwaitHello { .. }
-        )
+        matches!(self.state, State::Authenticating | State::TlsPending)
     }
 
     fn step(&mut self) -> bool {
@@ -188,23 +210,14 @@ impl SessionMachine for ClientSession {
 
 impl ClientSession {
     fn command(&mut self, text: &[u8]) {
-        let text = String::from_utf8_lossy(text);
+        // An owned copy either way, so that it is wiped: the line may carry a password.
+        let text = Zeroizing::new(String::from_utf8_lossy(text).into_owned());
         let (verb, arg) = match text.split_once(' ') {
             Some((v, a)) => (v.to_ascii_uppercase(), a.trim()),
             None => (text.to_ascii_uppercase(), ""),
         };
         match verb.as_str() {
-            "EHLO" | "HELO" => {
-                if arg.is_empty() {
-                    return self.send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
-                }
-                self.core.out.push_back(Action::Query(Query::Hello {
-                    domain: arg.chars().take(255).collect(),
-                }));
-                self.state = State::AwaitHello {
-                    extended: verb == "EHLO",
-                };
-            }
+            "EHLO" | "HELO" => self.hello(&verb, arg),
             "STARTTLS" => {
                 if !arg.is_empty() {
                     self.send("501 5.5.4 STARTTLS takes no parameters\r\n".into());
@@ -233,8 +246,28 @@ impl ClientSession {
         }
     }
 
+    /// Answered here, not by upstream: nobody reaches upstream before a password check.
+    fn hello(&mut self, verb: &str, arg: &str) {
+        if arg.is_empty() {
+            return self.send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
+        }
+        if !valid_hello_argument(arg) {
+            return self.send(format!(
+                "501 5.5.4 {verb} needs a domain name or an address literal such as [127.0.0.1]\r\n"
+            ));
+        }
+        self.domain = Some(arg.to_string());
+        let starttls = self.opts.starttls_offered;
+        let reply = match (verb, &self.opts.upstream_extensions) {
+            ("HELO", _) => format!("250 {HELLO_LINE}\r\n"),
+            (_, Some(known)) => ehlo_reply(HELLO_LINE, known, starttls),
+            (_, None) => ehlo_reply(HELLO_LINE, &GMAIL_EXTENSIONS, starttls),
+        };
+        self.send(reply);
+    }
+
     fn auth(&mut self, arg: &str) {
-        if !self.greeted {
+        if self.domain.is_none() {
             return self.send("503 5.5.1 Send EHLO first\r\n".into());
         }
         if !self.opts.login_allowed {
@@ -285,10 +318,7 @@ impl ClientSession {
     }
 
     fn login(&mut self, credentials: Credentials) {
-        self.core.out.push_back(Action::Login {
-            tag: String::new(),
-            credentials,
-        });
+        self.core.out.push_back(Action::Login { credentials });
         self.state = State::Authenticating;
     }
 
@@ -306,7 +336,7 @@ impl ClientSession {
 
 enum SaslLine {
     Cancel,
-    Data(Result<Vec<u8>, SaslError>),
+    Data(Result<Zeroizing<Vec<u8>>, SaslError>),
 }
 
 fn sasl_line(text: &[u8]) -> SaslLine {
@@ -317,18 +347,70 @@ fn sasl_line(text: &[u8]) -> SaslLine {
     }
 }
 
+/// Reply lines stay under RFC 5321's 512 octets.
+fn one_line(code: &str, text: &str) -> Vec<u8> {
+    let text: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(500 - code.len())
+        .collect();
+    format!("{code} {text}\r\n").into_bytes()
+}
+
+/// RFC 5321 §4.1.1.1 `Domain / address-literal`, at most 255 octets. Underscores are tolerated
+/// inside labels: Windows machine names carry them and mail clients send those as they are.
+pub fn valid_hello_argument(arg: &str) -> bool {
+    if arg.len() > MAX_DOMAIN {
+        return false;
+    }
+    match arg.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        Some(literal) => valid_address_literal(literal),
+        None => arg.split('.').all(|label| valid_label(label, b"-_")),
+    }
+}
+
+/// `sub-domain` (and `Ldh-str` with `inner` = `-`): letters and digits at both ends.
+fn valid_label(label: &str, inner: &[u8]) -> bool {
+    let b = label.as_bytes();
+    let let_dig = |c: &u8| c.is_ascii_alphanumeric();
+    b.len() <= 63
+        && b.first().is_some_and(let_dig)
+        && b.last().is_some_and(let_dig)
+        && b.iter().all(|c| let_dig(c) || inner.contains(c))
+}
+
+/// What goes between `[` and `]`: IPv4, `IPv6:` and an IPv6 address, or `tag:content`.
+fn valid_address_literal(inner: &str) -> bool {
+    let snum = |n: &str| (1..=3).contains(&n.len()) && n.parse::<u8>().is_ok();
+    let v4: Vec<&str> = inner.split('.').collect();
+    if v4.len() == 4 && v4.iter().all(|n| snum(n)) {
+        return true;
+    }
+    let Some((tag, content)) = inner.split_once(':') else {
+        return false;
+    };
+    if tag.eq_ignore_ascii_case("IPv6") {
+        return content.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    // General-address-literal: dcontent is printable ASCII but `[`, `\` and `]`.
+    valid_label(tag, b"-")
+        && !content.is_empty()
+        && content
+            .bytes()
+            .all(|c| (33..=90).contains(&c) || (94..=126).contains(&c))
+}
+
 /// The EHLO answer for the client: upstream's first line and extensions, with AUTH replaced
 /// by what the proxy accepts and STARTTLS only where the proxy offers it.
-pub fn rewrite_ehlo(upstream: &[String], starttls_offered: bool) -> String {
-    let mut lines: Vec<String> = Vec::new();
-    lines.push(
-        upstream
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "localhost".into()),
-    );
+pub fn rewrite_ehlo<S: AsRef<str>>(upstream: &[S], starttls_offered: bool) -> String {
+    let first = upstream.first().map_or("localhost", AsRef::as_ref);
+    ehlo_reply(first, upstream.get(1..).unwrap_or(&[]), starttls_offered)
+}
+
+fn ehlo_reply<S: AsRef<str>>(first: &str, extensions: &[S], starttls_offered: bool) -> String {
+    let mut lines: Vec<&str> = vec![first];
     let mut auth_added = false;
-    for ext in upstream.iter().skip(1) {
+    for ext in extensions.iter().map(AsRef::as_ref) {
         let keyword = ext
             .split([' ', '='])
             .next()
@@ -338,18 +420,18 @@ pub fn rewrite_ehlo(upstream: &[String], starttls_offered: bool) -> String {
             "STARTTLS" => {}
             "AUTH" => {
                 if !auth_added {
-                    lines.push("AUTH PLAIN LOGIN".into());
+                    lines.push("AUTH PLAIN LOGIN");
                     auth_added = true;
                 }
             }
-            _ => lines.push(ext.clone()),
+            _ => lines.push(ext),
         }
     }
     if !auth_added {
-        lines.push("AUTH PLAIN LOGIN".into());
+        lines.push("AUTH PLAIN LOGIN");
     }
     if starttls_offered {
-        lines.push("STARTTLS".into());
+        lines.push("STARTTLS");
     }
     let last = lines.len() - 1;
     lines

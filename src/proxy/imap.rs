@@ -1,5 +1,5 @@
-//! IMAP dialect: replies tagged with the client's tag; upstream login on a new connection,
-//! reusing the client's tag so the server's answer can be relayed verbatim.
+//! IMAP dialect: upstream login on a new connection, reusing the client's tag so the server's
+//! answer can be relayed verbatim.
 
 use std::sync::Arc;
 
@@ -10,39 +10,21 @@ use super::Conn;
 use crate::config::UpstreamTls;
 use crate::oauth::AccessToken;
 use crate::protocol::imap::{ClientSession, Limits, SessionOptions, UpstreamLogin};
-use crate::protocol::Query;
 
 pub struct Imap;
+
+/// Only if the session had no login in progress, which the driver never asks for.
+const FALLBACK_TAG: &str = "A0001";
 
 impl Dialect for Imap {
     type Session = ClientSession;
 
-    fn session(&self, starttls_offered: bool, login_allowed: bool) -> ClientSession {
+    fn session(&self, _conn: &Conn, starttls_offered: bool, login_allowed: bool) -> ClientSession {
         ClientSession::new(SessionOptions {
             starttls_offered,
             login_allowed,
             limits: Limits::default(),
         })
-    }
-
-    fn failure_reply(&self, tag: &str, failure: &Failure) -> Vec<u8> {
-        let text = failure.describe();
-        let line = match failure {
-            Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
-            | Failure::TokenRejected { .. } => {
-                format!("{tag} NO [AUTHENTICATIONFAILED] {text}")
-            }
-            Failure::Misconfigured { .. } => format!("{tag} NO [CONTACTADMIN] {text}"),
-            Failure::Temporary { .. } => format!("{tag} NO [UNAVAILABLE] {text}"),
-            Failure::TooManySessions { .. } => format!("{tag} NO [LIMIT] {text}"),
-            // The server's own words (NO [ALERT] ...), already a complete response after the tag.
-            Failure::UpstreamRefused { line } => format!("{tag} {line}"),
-        };
-        let mut bytes = line.into_bytes();
-        bytes.retain(|&b| b != b'\r' && b != b'\n');
-        bytes.extend_from_slice(b"\r\n");
-        bytes
     }
 
     fn timeout_line(&self) -> &'static [u8] {
@@ -53,14 +35,10 @@ impl Dialect for Imap {
         b"* BYE [UNAVAILABLE] xoauth2-proxy is shutting down\r\n"
     }
 
-    async fn query(&mut self, _conn: &Conn, _session: &mut ClientSession, _query: Query) {
-        // The IMAP session answers everything before login itself.
-    }
-
     async fn login(
-        &mut self,
+        &self,
         conn: &Conn,
-        tag: &str,
+        session: &ClientSession,
         email: &str,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
@@ -72,6 +50,7 @@ impl Dialect for Imap {
                 limit: conn.app.config.limits.imap_connections_per_account,
             })?;
         let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+        let tag = session.login_tag().unwrap_or(FALLBACK_TAG);
         let mut up = upstream::login(conn, email, token, |xo| {
             UpstreamLogin::new(tag, xo, starttls)
         })

@@ -86,6 +86,22 @@ pub struct ListenerCtx {
     pub config: ListenerConfig,
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub upstream_capabilities: KnownCapabilities,
+}
+
+/// What the listener's upstream offered at its last login (SMTP EHLO extensions, POP3 CAPA
+/// lines), so that answers before login promise what holds without connecting for strangers.
+#[derive(Default)]
+pub struct KnownCapabilities(std::sync::Mutex<Option<Arc<[String]>>>);
+
+impl KnownCapabilities {
+    pub fn get(&self) -> Option<Arc<[String]>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, lines: Vec<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lines.into());
+    }
 }
 
 /// One client connection's context.

@@ -1,5 +1,6 @@
-//! POP3 dialect: CAPA is answered from upstream's list (rewritten), keeping the connection for
-//! the two-step AUTH XOAUTH2 that usually follows.
+//! POP3 dialect: CAPA is answered by the session from what upstream is known to offer; only
+//! after the local password check does the proxy connect and run the two-step AUTH XOAUTH2,
+//! asking upstream's CAPA first on the listener's first login so later answers are upstream's.
 
 use std::sync::Arc;
 
@@ -13,21 +14,30 @@ use super::Conn;
 use crate::config::UpstreamTls;
 use crate::oauth::AccessToken;
 use crate::protocol::pop3::{ClientSession, Goal, SessionOptions, UpstreamPop};
-use crate::protocol::{Query, UpOutcome};
+use crate::protocol::UpOutcome;
 use crate::secret::Secret;
 
-#[derive(Default)]
-pub struct Pop3 {
-    /// The upstream connection a CAPA opened.
-    up: Option<Stream>,
-}
+pub struct Pop3;
 
-impl Pop3 {
-    /// The connection to use (the kept one, or a new one) and whether it is new.
-    async fn stream(&mut self, conn: &Conn, deadline: Instant) -> Result<(Stream, bool), Failure> {
-        match self.up.take() {
-            Some(s) => Ok((s, false)),
-            None => Ok((upstream::connect(conn, deadline).await?, true)),
+/// A new upstream connection for the login, and whether its greeting (and STLS) is still to
+/// come. When the listener has not seen upstream's CAPA yet, it is asked for on the way.
+async fn connect(conn: &Conn, deadline: Instant) -> Result<(Stream, bool), Failure> {
+    let stream = upstream::connect(conn, deadline).await?;
+    let known = &conn.ctx.upstream_capabilities;
+    if known.get().is_some() {
+        return Ok((stream, true));
+    }
+    let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+    let mut machine = UpstreamPop::new(Goal::Capa, Secret::default(), starttls, true);
+    match exchange(conn, stream, &mut machine, deadline).await? {
+        (s, UpOutcome::Success { relay, .. }) => {
+            known.set(UpstreamPop::lines(&relay));
+            Ok((s, false))
+        }
+        // A server without CAPA: log in on a connection in a known state.
+        (_, other) => {
+            tracing::debug!(peer = %conn.peer, outcome = ?other, "upstream CAPA failed");
+            Ok((upstream::connect(conn, deadline).await?, true))
         }
     }
 }
@@ -35,34 +45,12 @@ impl Pop3 {
 impl Dialect for Pop3 {
     type Session = ClientSession;
 
-    fn session(&self, starttls_offered: bool, login_allowed: bool) -> ClientSession {
+    fn session(&self, conn: &Conn, starttls_offered: bool, login_allowed: bool) -> ClientSession {
         ClientSession::new(SessionOptions {
             starttls_offered,
             login_allowed,
+            upstream_capa: conn.ctx.upstream_capabilities.get(),
         })
-    }
-
-    fn failure_reply(&self, _tag: &str, failure: &Failure) -> Vec<u8> {
-        let code = match failure {
-            Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
-            | Failure::TokenRejected { .. } => "-ERR [AUTH]",
-            Failure::Misconfigured { .. } => "-ERR [SYS/PERM]",
-            Failure::Temporary { .. } => "-ERR [SYS/TEMP]",
-            Failure::TooManySessions { .. } => "-ERR [IN-USE]",
-            Failure::UpstreamRefused { line } => {
-                let mut bytes = line.trim_end().as_bytes().to_vec();
-                bytes.extend_from_slice(b"\r\n");
-                return bytes;
-            }
-        };
-        let text: String = failure
-            .describe()
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(480)
-            .collect();
-        format!("{code} {text}\r\n").into_bytes()
     }
 
     fn timeout_line(&self) -> &'static [u8] {
@@ -73,44 +61,15 @@ impl Dialect for Pop3 {
         b"-ERR [SYS/TEMP] xoauth2-proxy is shutting down\r\n"
     }
 
-    async fn query(&mut self, conn: &Conn, session: &mut ClientSession, query: Query) {
-        if query != Query::Capa {
-            return;
-        }
-        let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
-        let result = async {
-            let (stream, fresh) = self.stream(conn, deadline).await?;
-            let starttls = fresh && conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
-            let mut machine = UpstreamPop::new(Goal::Capa, Secret::default(), starttls, fresh);
-            match exchange(conn, stream, &mut machine, deadline).await? {
-                (s, UpOutcome::Success { relay, .. }) => Ok((s, UpstreamPop::lines(&relay))),
-                (_, other) => Err(Failure::Temporary {
-                    detail: format!("{}: CAPA failed: {other:?}", conn.ctx.config.upstream()),
-                }),
-            }
-        }
-        .await;
-        match result {
-            Ok((s, lines)) => {
-                self.up = Some(s);
-                session.capa_result(Some(lines));
-            }
-            Err(f) => {
-                tracing::debug!(peer = %conn.peer, error = %f.describe(), "answering CAPA locally");
-                session.capa_result(None);
-            }
-        }
-    }
-
     async fn login(
-        &mut self,
+        &self,
         conn: &Conn,
-        _tag: &str,
+        _session: &ClientSession,
         email: &str,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
         let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
-        let (stream, fresh) = self.stream(conn, deadline).await?;
+        let (stream, fresh) = connect(conn, deadline).await?;
         let starttls = fresh && conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
         upstream::authenticate(
             conn,

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{imap, pop3, session, smtp, App, Conn, ListenerCtx};
+use super::{imap, pop3, session, smtp, App, Conn, KnownCapabilities, ListenerCtx};
 use crate::config::{Config, LocalTls, Protocol};
 
 pub struct BoundListener {
@@ -59,6 +59,7 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, String> {
                 config: l.clone(),
                 server_tls: server_tls.clone(),
                 upstream_tls,
+                upstream_capabilities: KnownCapabilities::default(),
             }),
             tcp,
         });
@@ -216,8 +217,8 @@ async fn handle(
     let conn = Conn { app, ctx, peer };
     match conn.ctx.config.protocol {
         Protocol::Imap => session::run(imap::Imap, conn, tcp, cancel).await,
-        Protocol::Smtp => session::run(smtp::Smtp::default(), conn, tcp, cancel).await,
-        Protocol::Pop3 => session::run(pop3::Pop3::default(), conn, tcp, cancel).await,
+        Protocol::Smtp => session::run(smtp::Smtp, conn, tcp, cancel).await,
+        Protocol::Pop3 => session::run(pop3::Pop3, conn, tcp, cancel).await,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The connection driver all protocols share: greet, run the client session machine until it
-//! has credentials (answering its questions for upstream on the way), log in, then splice.
-//! What differs per protocol is a [`Dialect`].
+//! has credentials, check them, log in upstream, then splice. Nothing reaches upstream before
+//! the local password check. What differs per protocol is a [`Dialect`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,18 +16,15 @@ use super::upstream::Upstream;
 use super::{splice, Conn};
 use crate::config::LocalTls;
 use crate::oauth::AccessToken;
-use crate::protocol::{ClientAction, ClientSession, Query};
+use crate::protocol::{ClientAction, ClientSession};
 
 /// What a protocol adds to the shared driver.
 pub(crate) trait Dialect: Send {
-    type Session: ClientSession;
+    type Session: ClientSession + Sync;
 
     /// A session for a new client; `starttls_offered` when the listener does local STARTTLS,
     /// `login_allowed` false while a remote client has not started TLS on such a listener.
-    fn session(&self, starttls_offered: bool, login_allowed: bool) -> Self::Session;
-
-    /// The complete reply for a failed login (IMAP tags it with `tag`).
-    fn failure_reply(&self, tag: &str, failure: &Failure) -> Vec<u8>;
+    fn session(&self, conn: &Conn, starttls_offered: bool, login_allowed: bool) -> Self::Session;
 
     /// Sent before closing a client that did not log in within the time limit.
     fn timeout_line(&self) -> &'static [u8];
@@ -35,19 +32,13 @@ pub(crate) trait Dialect: Send {
     /// Sent to clients still logging in when the proxy shuts down.
     fn shutdown_line(&self) -> &'static [u8];
 
-    /// Answer a pre-login question with upstream's help (SMTP EHLO, POP3 CAPA).
-    fn query(
-        &mut self,
-        conn: &Conn,
-        session: &mut Self::Session,
-        query: Query,
-    ) -> impl Future<Output = ()> + Send;
-
-    /// Log in upstream as `email` with `token` (reusing a connection a query opened).
+    /// Connect and log in upstream as `email` with `token`, once the local password check has
+    /// passed; `session` holds what upstream needs from the client's commands (IMAP's tag,
+    /// SMTP's EHLO domain).
     fn login(
-        &mut self,
+        &self,
         conn: &Conn,
-        tag: &str,
+        session: &Self::Session,
         email: &str,
         token: Arc<AccessToken>,
     ) -> impl Future<Output = Result<Upstream, Failure>> + Send;
@@ -72,7 +63,7 @@ pub(crate) async fn run<D: Dialect>(
 /// Greet and run the client session machine until a login succeeds upstream; `None` when the
 /// client leaves, times out or the proxy shuts down first.
 async fn log_in<D: Dialect>(
-    mut dialect: D,
+    dialect: D,
     conn: &Conn,
     tcp: TcpStream,
     cancel: CancellationToken,
@@ -82,11 +73,12 @@ async fn log_in<D: Dialect>(
     let local_tls = conn.ctx.config.local_tls;
     let mut client = open_client(conn, tcp, deadline).await?;
     let starttls = local_tls == LocalTls::Starttls;
-    let mut session = dialect.session(starttls, !starttls || conn.peer.ip().is_loopback());
+    let mut session = dialect.session(conn, starttls, !starttls || conn.peer.ip().is_loopback());
     if client.write_all(&session.greeting()).await.is_err() {
         return None;
     }
-    let mut buf = vec![0u8; 4096];
+    // Reads carry the client's LOGIN line or SASL blob: wiped when the login phase ends.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; 4096]);
     loop {
         while let Some(action) = session.next_action() {
             match action {
@@ -113,11 +105,10 @@ async fn log_in<D: Dialect>(
                     };
                     session.tls_established();
                 }
-                ClientAction::Query(query) => dialect.query(conn, &mut session, query).await,
-                ClientAction::Login { tag, credentials } => {
+                ClientAction::Login { credentials } => {
                     let result = async {
                         let (email, token) = login::authorize(conn, &credentials).await?;
-                        let up = dialect.login(conn, &tag, &email, token).await?;
+                        let up = dialect.login(conn, &session, &email, token).await?;
                         Ok::<_, Failure>((email, up))
                     }
                     .await;
@@ -127,7 +118,7 @@ async fn log_in<D: Dialect>(
                             return Some((email, client, up, pending));
                         }
                         Err(failure) => {
-                            session.login_rejected(dialect.failure_reply(&tag, &failure));
+                            session.login_failed(&failure);
                             deadline = Instant::now() + limits.preauth_timeout;
                         }
                     }

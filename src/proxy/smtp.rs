@@ -1,5 +1,7 @@
-//! SMTP dialect: the EHLO answer comes from upstream (rewritten), so the upstream connection
-//! is opened at the client's first EHLO and kept for the two-step AUTH XOAUTH2 that follows.
+//! SMTP dialect: EHLO is answered by the session from what upstream is known to offer; only
+//! after the local password check does the proxy connect, greet upstream with the client's
+//! validated EHLO domain, remember upstream's extensions for the listener, and run the
+//! two-step AUTH XOAUTH2.
 
 use std::sync::Arc;
 
@@ -13,88 +15,44 @@ use super::Conn;
 use crate::config::UpstreamTls;
 use crate::oauth::AccessToken;
 use crate::protocol::smtp::{ClientSession, SessionOptions, UpstreamAuth, UpstreamHello};
-use crate::protocol::{Query, UpOutcome};
+use crate::protocol::UpOutcome;
 
-pub struct Smtp {
-    /// The upstream connection an EHLO opened.
-    up: Option<Stream>,
-    /// The client's last EHLO argument, to greet upstream again after a failed AUTH.
-    domain: String,
-}
+pub struct Smtp;
 
-impl Default for Smtp {
-    fn default() -> Self {
-        Smtp {
-            up: None,
-            domain: "localhost".into(),
+/// What upstream is greeted with if the client somehow never said (AUTH needs EHLO first).
+const FALLBACK_DOMAIN: &str = "localhost";
+
+/// Greet upstream on a new connection (banner, EHLO, STARTTLS and EHLO again when
+/// configured) and note its extensions for the listener's next EHLO answers.
+async fn hello(conn: &Conn, domain: &str, deadline: Instant) -> Result<Stream, Failure> {
+    let stream = upstream::connect(conn, deadline).await?;
+    let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+    let mut machine = UpstreamHello::new(domain, starttls, true);
+    let temporary = |why: String| Failure::Temporary {
+        detail: format!("{}: {why}", conn.ctx.config.upstream()),
+    };
+    match exchange(conn, stream, &mut machine, deadline).await? {
+        (s, UpOutcome::Success { relay, .. }) => {
+            let lines = UpstreamHello::lines(&relay);
+            conn.ctx
+                .upstream_capabilities
+                .set(lines.into_iter().skip(1).collect());
+            Ok(s)
         }
-    }
-}
-
-/// Reply lines stay under RFC 5321's 512 octets.
-fn one_line(code: &str, text: &str) -> Vec<u8> {
-    let text: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(500 - code.len())
-        .collect();
-    format!("{code} {text}\r\n").into_bytes()
-}
-
-impl Smtp {
-    /// Greet upstream with EHLO (connecting first if there is no connection yet); returns
-    /// upstream's EHLO lines.
-    async fn hello(&mut self, conn: &Conn) -> Result<Vec<String>, Failure> {
-        let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
-        let fresh = self.up.is_none();
-        let stream = match self.up.take() {
-            Some(s) => s,
-            None => upstream::connect(conn, deadline).await?,
-        };
-        let starttls = fresh && conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
-        let mut machine = UpstreamHello::new(&self.domain, starttls, fresh);
-        let temporary = |why: String| Failure::Temporary {
-            detail: format!("{}: {why}", conn.ctx.config.upstream()),
-        };
-        match exchange(conn, stream, &mut machine, deadline).await? {
-            (s, UpOutcome::Success { relay, .. }) => {
-                self.up = Some(s);
-                Ok(UpstreamHello::lines(&relay))
-            }
-            (_, UpOutcome::Failed(why)) => Err(temporary(why)),
-            (_, UpOutcome::Rejected { line, .. }) => Err(temporary(line.trim_end().to_string())),
-        }
+        (_, UpOutcome::Failed(why)) => Err(temporary(why)),
+        (_, UpOutcome::Rejected { line, .. }) => Err(temporary(line.trim_end().to_string())),
     }
 }
 
 impl Dialect for Smtp {
     type Session = ClientSession;
 
-    fn session(&self, starttls_offered: bool, login_allowed: bool) -> ClientSession {
+    fn session(&self, conn: &Conn, starttls_offered: bool, login_allowed: bool) -> ClientSession {
         ClientSession::new(SessionOptions {
             starttls_offered,
             login_allowed,
+            upstream_extensions: conn.ctx.upstream_capabilities.get(),
         })
-    }
-
-    fn failure_reply(&self, _tag: &str, failure: &Failure) -> Vec<u8> {
-        let text = failure.describe();
-        match failure {
-            Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
-            | Failure::TokenRejected { .. } => one_line("535 5.7.8", &text),
-            Failure::Misconfigured { .. }
-            | Failure::Temporary { .. }
-            | Failure::TooManySessions { .. } => one_line("454 4.7.0", &text),
-            // The server's own reply (e.g. 454 4.7.0 Too many login attempts), verbatim.
-            Failure::UpstreamRefused { line } => {
-                let mut bytes = line.clone().into_bytes();
-                if !bytes.ends_with(b"\r\n") {
-                    bytes.extend_from_slice(b"\r\n");
-                }
-                bytes
-            }
-        }
     }
 
     fn timeout_line(&self) -> &'static [u8] {
@@ -105,36 +63,16 @@ impl Dialect for Smtp {
         b"421 4.3.2 xoauth2-proxy is shutting down\r\n"
     }
 
-    async fn query(&mut self, conn: &Conn, session: &mut ClientSession, query: Query) {
-        let Query::Hello { domain } = query else {
-            return;
-        };
-        self.domain = domain;
-        match self.hello(conn).await {
-            Ok(lines) => session.hello_result(Ok(lines)),
-            Err(f) => {
-                tracing::warn!(peer = %conn.peer, error = %f.describe(), "cannot greet upstream");
-                let line = one_line("421 4.4.2", &f.describe());
-                session.hello_result(Err(String::from_utf8_lossy(&line).trim_end().to_string()));
-            }
-        }
-    }
-
     async fn login(
-        &mut self,
+        &self,
         conn: &Conn,
-        _tag: &str,
+        session: &ClientSession,
         email: &str,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
-        if self.up.is_none() {
-            // A failed AUTH cost the previous connection: greet again quietly.
-            self.hello(conn).await?;
-        }
-        let stream = self.up.take().ok_or_else(|| Failure::Temporary {
-            detail: "no upstream connection".into(),
-        })?;
         let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
+        let domain = session.hello_domain().unwrap_or(FALLBACK_DOMAIN);
+        let stream = hello(conn, domain, deadline).await?;
         upstream::authenticate(conn, stream, email, token, UpstreamAuth::new, deadline).await
     }
 }

@@ -2,7 +2,7 @@
 //! grammar corners of LOGIN/AUTHENTICATE, run against the state machines without sockets.
 
 use super::*;
-use crate::protocol::testkit::{run, sent, up_run, up_sent};
+use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -17,10 +17,11 @@ fn session() -> ClientSession {
     })
 }
 
-fn login_of(actions: &[Action]) -> Option<(String, String, String)> {
+/// The login the actions ask for, with the tag the session holds for it.
+fn login_of(s: &ClientSession, actions: &[Action]) -> Option<(String, String, String)> {
     actions.iter().find_map(|a| match a {
-        Action::Login { tag, credentials } => Some((
-            tag.clone(),
+        Action::Login { credentials } => Some((
+            s.login_tag()?.to_string(),
             credentials.username.clone(),
             credentials.password.expose().to_string(),
         )),
@@ -95,7 +96,7 @@ fn login_before_starttls_from_a_remote_peer_is_refused() {
         "{}",
         sent(&out)
     );
-    assert_eq!(login_of(&out), None);
+    assert_eq!(login_of(&s, &out), None);
 }
 
 #[test]
@@ -103,14 +104,14 @@ fn i1_login_with_atom_and_quoted_arguments() {
     let mut s = session();
     let out = run(&mut s, b"a2 LOGIN alice@gmail.com \"local-secret\"\r\n");
     assert_eq!(out.len(), 1);
-    assert_eq!(login_of(&out), alice("a2"));
+    assert_eq!(login_of(&s, &out), alice("a2"));
 }
 
 #[test]
 fn i2_login_quoted_escapes_are_unescaped() {
     let mut s = session();
     let out = run(&mut s, b"a3 LOGIN alice@gmail.com \"pa ss\\\"w\\\\d\"\r\n");
-    let (_, _, pw) = login_of(&out).unwrap();
+    let (_, _, pw) = login_of(&s, &out).unwrap();
     assert_eq!(pw, "pa ss\"w\\d");
     assert_eq!(pw.len(), 9);
 }
@@ -123,14 +124,14 @@ fn i3_login_with_synchronising_literals_gets_continuations() {
     let out = run(&mut s, b"alice@gmail.com {12}\r\n");
     assert_eq!(sent(&out), "+ Ready for literal data\r\n");
     let out = run(&mut s, b"local-secret\r\n");
-    assert_eq!(login_of(&out), alice("a4"));
+    assert_eq!(login_of(&s, &out), alice("a4"));
 }
 
 #[test]
 fn literal_octets_may_contain_spaces_quotes_and_line_breaks() {
     let mut s = session();
     let out = run(&mut s, b"x LOGIN \"alice@gmail.com\" {7}\r\na \"b\r\nc\r\n");
-    let (_, _, pw) = login_of(&out).unwrap();
+    let (_, _, pw) = login_of(&s, &out).unwrap();
     assert_eq!(pw, "a \"b\r\nc");
 }
 
@@ -142,7 +143,7 @@ fn i4_login_with_non_synchronising_literal_sends_no_continuation() {
         b"a5 LOGIN alice@gmail.com {12+}\r\nlocal-secret\r\n",
     );
     assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(login_of(&out), alice("a5"));
+    assert_eq!(login_of(&s, &out), alice("a5"));
 }
 
 #[test]
@@ -153,7 +154,7 @@ fn input_split_at_every_byte_gives_the_same_result() {
     for b in input.iter() {
         all.extend(run(&mut s, std::slice::from_ref(b)));
     }
-    assert_eq!(login_of(&all), alice("a4"));
+    assert_eq!(login_of(&s, &all), alice("a4"));
     assert_eq!(sent(&all), "+ Ready for literal data\r\n");
 }
 
@@ -161,7 +162,7 @@ fn input_split_at_every_byte_gives_the_same_result() {
 fn i5_authenticate_plain_with_initial_response() {
     let mut s = session();
     let out = run(&mut s, format!("b1 AUTHENTICATE PLAIN {PL}\r\n").as_bytes());
-    assert_eq!(login_of(&out), alice("b1"));
+    assert_eq!(login_of(&s, &out), alice("b1"));
 }
 
 #[test]
@@ -171,7 +172,7 @@ fn authenticate_plain_with_matching_authzid_is_accepted() {
         &mut s,
         format!("b9 authenticate plain {PLZ}\r\n").as_bytes(),
     );
-    assert_eq!(login_of(&out), alice("b9"));
+    assert_eq!(login_of(&s, &out), alice("b9"));
 }
 
 #[test]
@@ -180,7 +181,7 @@ fn i6_authenticate_plain_without_initial_response() {
     let out = run(&mut s, b"b2 AUTHENTICATE PLAIN\r\n");
     assert_eq!(out, vec![Action::Send(b"+ \r\n".to_vec())]);
     let out = run(&mut s, format!("{PL}\r\n").as_bytes());
-    assert_eq!(login_of(&out), alice("b2"));
+    assert_eq!(login_of(&s, &out), alice("b2"));
 }
 
 #[test]
@@ -222,13 +223,13 @@ fn authenticate_login_prompts_for_username_then_password() {
     let out = run(&mut s, b"YWxpY2VAZ21haWwuY29t\r\n");
     assert_eq!(sent(&out), "+ UGFzc3dvcmQ6\r\n");
     let out = run(&mut s, b"bG9jYWwtc2VjcmV0\r\n");
-    assert_eq!(login_of(&out), alice("d1"));
+    assert_eq!(login_of(&s, &out), alice("d1"));
 
     let mut s = session();
     let out = run(&mut s, b"d2 AUTHENTICATE LOGIN YWxpY2VAZ21haWwuY29t\r\n");
     assert_eq!(sent(&out), "+ UGFzc3dvcmQ6\r\n");
     let out = run(&mut s, b"bG9jYWwtc2VjcmV0\r\n");
-    assert_eq!(login_of(&out), alice("d2"));
+    assert_eq!(login_of(&s, &out), alice("d2"));
 }
 
 #[test]
@@ -252,7 +253,7 @@ fn i10_commands_pipelined_after_login_are_held_for_upstream() {
         b"a7 LOGIN alice@gmail.com local-secret\r\na8 SELECT INBOX\r\n",
     );
     assert_eq!(out.len(), 1);
-    assert_eq!(login_of(&out), alice("a7"));
+    assert_eq!(login_of(&s, &out), alice("a7"));
     // More bytes while authenticating are held too, uninterpreted.
     assert!(run(&mut s, b"a9 FETCH 1 BODY[]\r\n").is_empty());
     assert_eq!(
@@ -265,13 +266,35 @@ fn i10_commands_pipelined_after_login_are_held_for_upstream() {
 fn failed_login_resumes_with_the_next_pipelined_command() {
     let mut s = session();
     let out = run(&mut s, b"a1 LOGIN alice@gmail.com wrong\r\na2 NOOP\r\n");
-    assert!(login_of(&out).is_some());
-    s.login_rejected(b"a1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n".to_vec());
+    assert!(login_of(&s, &out).is_some());
+    s.login_failed(&Failure::BadCredentials);
+    assert_eq!(s.login_tag(), None);
     let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
     assert_eq!(
         sent(&out),
-        "a1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\na2 OK NOOP completed\r\n"
+        "a1 NO [AUTHENTICATIONFAILED] Invalid username or password (use the account's email and a local app password from `xoauth2-proxy password add`)\r\na2 OK NOOP completed\r\n"
     );
+}
+
+#[test]
+fn every_failure_class_is_answered_with_its_response_code_under_the_login_tag() {
+    let expected = [
+        "x7 NO [AUTHENTICATIONFAILED] Invalid username or password (use the account's email and a local app password from `xoauth2-proxy password add`)\r\n",
+        "x7 NO [AUTHENTICATIONFAILED] alice@gmail.com is not authorized with Google yet; run `xoauth2-proxy login alice@gmail.com` on the proxy host\r\n",
+        "x7 NO [AUTHENTICATIONFAILED] Google authorization for alice@gmail.com has expired or was revoked; run `xoauth2-proxy login alice@gmail.com` on the proxy host\r\n",
+        "x7 NO [CONTACTADMIN] xoauth2-proxy cannot get a token for alice@gmail.com: invalid_client: The OAuth client was not found.\r\n",
+        "x7 NO [UNAVAILABLE] Gmail cannot be reached right now (token endpoint returned 503); try again later\r\n",
+        "x7 NO [AUTHENTICATIONFAILED] Gmail rejected the OAuth token for alice@gmail.com (status 400, required scope https://mail.google.com/); if this persists run `xoauth2-proxy login alice@gmail.com`\r\n",
+        "x7 NO [ALERT] Too many simultaneous connections. (Failure)\r\n",
+        "x7 NO [LIMIT] alice@gmail.com already has 15 open sessions, Gmail's limit; close a mail client or wait\r\n",
+    ];
+    let refusal = "NO [ALERT] Too many simultaneous connections. (Failure)\r\n";
+    for (failure, want) in every_failure(refusal).iter().zip(expected) {
+        let mut s = session();
+        run(&mut s, format!("x7 AUTHENTICATE PLAIN {PL}\r\n").as_bytes());
+        s.login_failed(failure);
+        assert_eq!(sent(&run(&mut s, b"")), want, "{failure:?}");
+    }
 }
 
 #[test]
@@ -297,6 +320,51 @@ fn id_noop_logout_and_unknown_commands() {
         ]
     );
     assert!(run(&mut s, b"n NOOP\r\n").is_empty());
+}
+
+/// RFC 2971's largest ID: 30 pairs of 30-octet names and 1024-octet values.
+fn largest_id(tag: &str) -> String {
+    let value = "v".repeat(1024);
+    let pairs: Vec<String> = (0..30)
+        .map(|i| format!("\"{i:0>30}\" \"{value}\""))
+        .collect();
+    format!("{tag} ID ({})\r\n", pairs.join(" "))
+}
+
+#[test]
+fn an_id_as_large_as_rfc_2971_allows_is_answered_before_login() {
+    let id = largest_id("a1");
+    assert_eq!(id.len(), 31_807 + 2);
+    let mut s = session();
+    let out = run(&mut s, format!("{id}a2 NOOP\r\n").as_bytes());
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sent(&out),
+        format!("* ID (\"name\" \"xoauth2-proxy\" \"version\" \"{version}\")\r\na1 OK ID completed\r\na2 OK NOOP completed\r\n")
+    );
+}
+
+#[test]
+fn an_id_list_may_open_with_a_literal() {
+    let mut s = session();
+    let out = run(&mut s, b"a1 ID ({4}\r\n");
+    assert_eq!(sent(&out), "+ Ready for literal data\r\n");
+    let out = run(&mut s, b"name \"mutt\")\r\n");
+    assert!(sent(&out).ends_with("a1 OK ID completed\r\n"));
+}
+
+#[test]
+fn a_line_as_long_as_the_largest_id_is_still_too_long_for_anything_else() {
+    let id = largest_id("a1");
+    for other in [
+        id.replace(" ID (", " LOGIN ("),
+        id.replace("a1 ID", "a1 NOOP"),
+    ] {
+        let mut s = session();
+        let out = run(&mut s, other.as_bytes());
+        assert_eq!(sent(&out), "* BYE [TOOBIG] Line too long\r\n");
+        assert_eq!(out.last(), Some(&Action::Close));
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Byte-exact transcripts for POP3 (protocol-facts.md §7.3), without sockets.
 
 use super::*;
-use crate::protocol::testkit::{run, sent, up_run, up_sent};
+use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -11,6 +11,7 @@ fn session(starttls: bool) -> ClientSession {
     ClientSession::new(SessionOptions {
         starttls_offered: starttls,
         login_allowed: true,
+        upstream_capa: None,
     })
 }
 
@@ -52,27 +53,55 @@ fn greeting_has_no_apop_timestamp() {
 }
 
 #[test]
-fn p1_capa_keeps_upstream_capabilities_and_advertises_user_and_sasl_plain() {
+fn p1_capa_is_answered_locally_with_gmails_list_advertising_user_and_sasl_plain() {
     let mut s = session(false);
-    assert_eq!(run(&mut s, b"CAPA\r\n"), vec![Action::Query(Query::Capa)]);
-    s.capa_result(Some(gmail_capa()));
-    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
     assert_eq!(
-        sent(&out),
+        sent(&run(&mut s, b"CAPA\r\n")),
         "+OK Capability list follows\r\nUSER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\nTOP\r\nUIDL\r\nX-GOOGLE-RICO\r\nSASL PLAIN\r\n.\r\n"
     );
 }
 
 #[test]
-fn capa_without_upstream_and_with_local_stls() {
-    let mut s = session(true);
-    run(&mut s, b"CAPA\r\n");
-    s.capa_result(None);
-    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
+fn capa_promises_what_upstream_showed_at_the_last_login_and_local_stls() {
+    let mut s = ClientSession::new(SessionOptions {
+        starttls_offered: true,
+        login_allowed: true,
+        upstream_capa: Some(vec!["TOP".to_string(), "STLS".to_string()].into()),
+    });
     assert_eq!(
-        sent(&out),
-        "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\nSTLS\r\n.\r\n"
+        sent(&run(&mut s, b"CAPA\r\n")),
+        "+OK Capability list follows\r\nUSER\r\nTOP\r\nSASL PLAIN\r\nRESP-CODES\r\nSTLS\r\n.\r\n"
     );
+    assert_eq!(
+        rewrite_capa(&gmail_capa(), false),
+        rewrite_capa(&GMAIL_CAPA, false)
+    );
+}
+
+#[test]
+fn every_failure_class_is_answered_with_its_response_code() {
+    let expected = [
+        "-ERR [AUTH] Invalid username or password (use the account's email and a local app password from `xoauth2-proxy password add`)\r\n",
+        "-ERR [AUTH] alice@gmail.com is not authorized with Google yet; run `xoauth2-proxy login alice@gmail.com` on the proxy host\r\n",
+        "-ERR [AUTH] Google authorization for alice@gmail.com has expired or was revoked; run `xoauth2-proxy login alice@gmail.com` on the proxy host\r\n",
+        "-ERR [SYS/PERM] xoauth2-proxy cannot get a token for alice@gmail.com: invalid_client: The OAuth client was not found.\r\n",
+        "-ERR [SYS/TEMP] Gmail cannot be reached right now (token endpoint returned 503); try again later\r\n",
+        "-ERR [AUTH] Gmail rejected the OAuth token for alice@gmail.com (status 400, required scope https://mail.google.com/); if this persists run `xoauth2-proxy login alice@gmail.com`\r\n",
+        "-ERR [IN-USE] Mailbox in use by another session.\r\n",
+        "-ERR [IN-USE] alice@gmail.com already has 15 open sessions, Gmail's limit; close a mail client or wait\r\n",
+    ];
+    let refusal = "-ERR [IN-USE] Mailbox in use by another session.\r\n";
+    for (failure, want) in every_failure(refusal).iter().zip(expected) {
+        let mut s = session(false);
+        run(&mut s, b"USER alice@gmail.com\r\nPASS local-secret\r\n");
+        s.login_failed(failure);
+        assert_eq!(sent(&run(&mut s, b"")), want, "{failure:?}");
+        // USER is needed again.
+        assert_eq!(
+            sent(&run(&mut s, b"PASS x\r\n")),
+            "-ERR Send USER first\r\n"
+        );
+    }
 }
 
 #[test]

@@ -1,8 +1,7 @@
 //! Byte-exact transcripts for SMTP (protocol-facts.md §7.2), without sockets.
 
 use super::*;
-use crate::protocol::testkit::{run, sent, up_run, up_sent};
-use crate::protocol::Query;
+use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -28,8 +27,12 @@ fn session(starttls: bool) -> ClientSession {
     ClientSession::new(SessionOptions {
         starttls_offered: starttls,
         login_allowed: true,
+        upstream_extensions: None,
     })
 }
+
+/// The reply to EHLO before any login has shown upstream's extensions: Gmail's, rewritten.
+const EHLO_REPLY: &str = "250-localhost at your service\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n";
 
 fn login_of(actions: &[Action]) -> Option<(String, String)> {
     actions.iter().find_map(|a| match a {
@@ -49,27 +52,89 @@ fn alice() -> Option<(String, String)> {
 fn greeted(starttls: bool) -> ClientSession {
     let mut s = session(starttls);
     let out = run(&mut s, b"EHLO client.example\r\n");
-    assert_eq!(
-        out,
-        vec![Action::Query(Query::Hello {
-            domain: "client.example".into()
-        })]
-    );
-    s.hello_result(Ok(gmail_ehlo_after_tls()));
-    let _ = std::iter::from_fn(|| s.next_action()).count();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(s.hello_domain(), Some("client.example"));
     s
 }
 
 #[test]
-fn s1_ehlo_reply_keeps_upstream_extensions_and_offers_plain_and_login() {
+fn s1_ehlo_is_answered_locally_with_gmails_extensions_offering_plain_and_login() {
     let mut s = session(false);
-    run(&mut s, b"EHLO client.example\r\n");
-    s.hello_result(Ok(gmail_ehlo_after_tls()));
-    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
+    assert_eq!(sent(&run(&mut s, b"EHLO client.example\r\n")), EHLO_REPLY);
+}
+
+#[test]
+fn ehlo_promises_the_extensions_upstream_showed_at_the_last_login() {
+    let mut s = ClientSession::new(SessionOptions {
+        starttls_offered: false,
+        login_allowed: true,
+        upstream_extensions: Some(gmail_ehlo_after_tls()[1..4].to_vec().into()),
+    });
     assert_eq!(
-        sent(&out),
-        "250-smtp.gmail.com at your service, [203.0.113.7]\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+        sent(&run(&mut s, b"EHLO client.example\r\n")),
+        "250-localhost at your service\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n"
     );
+}
+
+#[test]
+fn ehlo_and_helo_take_a_domain_or_an_address_literal() {
+    for good in [
+        "client.example",
+        "laptop",
+        "my-host.example.org",
+        "DESKTOP_1A2B",
+        "[127.0.0.1]",
+        "[IPv6:2001:db8::1]",
+        "[ipv6:::1]",
+        "[x-tag:some.content]",
+    ] {
+        let mut s = session(false);
+        let line = format!("EHLO {good}\r\n");
+        assert_eq!(sent(&run(&mut s, line.as_bytes())), EHLO_REPLY, "{good}");
+        assert_eq!(s.hello_domain(), Some(good));
+    }
+}
+
+#[test]
+fn ehlo_with_control_bytes_or_an_overlong_name_is_501_and_not_remembered() {
+    let long_label = format!("{}.example", "a".repeat(64));
+    let long_name = ["abcdefghi."; 26].concat() + "com";
+    assert_eq!(long_name.len(), 263);
+    let bad: Vec<Vec<u8>> = vec![
+        b"client\rexample".to_vec(),
+        b"client\0.example".to_vec(),
+        b"client\x1b[31m.example".to_vec(),
+        b"client.example\x1b".to_vec(),
+        b"two words".to_vec(),
+        b"-leading.example".to_vec(),
+        b"trailing-.example".to_vec(),
+        b"double..dot".to_vec(),
+        b"dot.".to_vec(),
+        b"[256.0.0.1]".to_vec(),
+        b"[1.2.3]".to_vec(),
+        b"[IPv6:not-an-address]".to_vec(),
+        b"[127.0.0.1".to_vec(),
+        b"caf\xc3\xa9.example".to_vec(),
+        long_label.into_bytes(),
+        long_name.into_bytes(),
+    ];
+    for verb in ["EHLO", "HELO"] {
+        for arg in &bad {
+            let mut s = session(false);
+            let line = [verb.as_bytes(), b" ", arg, b"\r\n"].concat();
+            assert_eq!(
+                sent(&run(&mut s, &line)),
+                format!("501 5.5.4 {verb} needs a domain name or an address literal such as [127.0.0.1]\r\n"),
+                "{}",
+                String::from_utf8_lossy(arg)
+            );
+            assert_eq!(s.hello_domain(), None);
+            assert_eq!(
+                sent(&run(&mut s, b"AUTH PLAIN\r\n")),
+                "503 5.5.1 Send EHLO first\r\n"
+            );
+        }
+    }
 }
 
 #[test]
@@ -94,18 +159,8 @@ fn ehlo_before_tls_drops_upstream_starttls_and_adds_ours_when_offered() {
 fn helo_gets_a_single_line() {
     let mut s = session(false);
     let out = run(&mut s, b"HELO old.client\r\n");
-    assert_eq!(
-        out,
-        vec![Action::Query(Query::Hello {
-            domain: "old.client".into()
-        })]
-    );
-    s.hello_result(Ok(gmail_ehlo_after_tls()));
-    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
-    assert_eq!(
-        sent(&out),
-        "250 smtp.gmail.com at your service, [203.0.113.7]\r\n"
-    );
+    assert_eq!(sent(&out), "250 localhost at your service\r\n");
+    assert_eq!(s.hello_domain(), Some("old.client"));
 }
 
 #[test]
@@ -222,10 +277,7 @@ fn local_starttls_resets_the_session_and_drops_injected_plaintext() {
         sent(&run(&mut s, b"AUTH PLAIN\r\n")),
         "503 5.5.1 Send EHLO first\r\n"
     );
-    run(&mut s, b"EHLO c\r\n");
-    s.hello_result(Ok(gmail_ehlo_after_tls()));
-    let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
-    assert!(!sent(&out).contains("STARTTLS"));
+    assert_eq!(sent(&run(&mut s, b"EHLO c\r\n")), EHLO_REPLY);
 }
 
 #[test]
@@ -233,14 +285,51 @@ fn plaintext_auth_from_a_remote_peer_needs_starttls_first() {
     let mut s = ClientSession::new(SessionOptions {
         starttls_offered: true,
         login_allowed: false,
+        upstream_extensions: None,
     });
-    run(&mut s, b"EHLO c\r\n");
-    s.hello_result(Ok(gmail_ehlo_after_tls()));
-    let _ = std::iter::from_fn(|| s.next_action()).count();
+    assert!(sent(&run(&mut s, b"EHLO c\r\n")).ends_with("250 STARTTLS\r\n"));
     assert_eq!(
         sent(&run(&mut s, format!("AUTH PLAIN {PL}\r\n").as_bytes())),
         "530 5.7.0 Must issue a STARTTLS command first\r\n"
     );
+}
+
+#[test]
+fn every_failure_class_is_535_or_454_or_upstreams_own_reply() {
+    let expected = [
+        "535 5.7.8 Invalid username or password (use the account's email and a local app password from `xoauth2-proxy password add`)\r\n",
+        "535 5.7.8 alice@gmail.com is not authorized with Google yet; run `xoauth2-proxy login alice@gmail.com` on the proxy host\r\n",
+        "535 5.7.8 Google authorization for alice@gmail.com has expired or was revoked; run `xoauth2-proxy login alice@gmail.com` on the proxy host\r\n",
+        "454 4.7.0 xoauth2-proxy cannot get a token for alice@gmail.com: invalid_client: The OAuth client was not found.\r\n",
+        "454 4.7.0 Gmail cannot be reached right now (token endpoint returned 503); try again later\r\n",
+        "535 5.7.8 Gmail rejected the OAuth token for alice@gmail.com (status 400, required scope https://mail.google.com/); if this persists run `xoauth2-proxy login alice@gmail.com`\r\n",
+        "454-4.7.0 Too many login attempts, please try again later.\r\n454 4.7.0 id - gsmtp\r\n",
+        "454 4.7.0 alice@gmail.com already has 15 open sessions, Gmail's limit; close a mail client or wait\r\n",
+    ];
+    let refusal =
+        "454-4.7.0 Too many login attempts, please try again later.\r\n454 4.7.0 id - gsmtp\r\n";
+    for (failure, want) in every_failure(refusal).iter().zip(expected) {
+        let mut s = greeted(false);
+        run(&mut s, format!("AUTH PLAIN {PL}\r\n").as_bytes());
+        s.login_failed(failure);
+        assert_eq!(sent(&run(&mut s, b"")), want, "{failure:?}");
+        // The session takes commands again.
+        assert_eq!(sent(&run(&mut s, b"NOOP\r\n")), "250 2.0.0 OK\r\n");
+    }
+}
+
+#[test]
+fn failure_replies_stay_one_line_within_512_octets() {
+    let mut s = greeted(false);
+    run(&mut s, format!("AUTH PLAIN {PL}\r\n").as_bytes());
+    s.login_failed(&Failure::Temporary {
+        detail: format!("a\r\nb{}", "x".repeat(600)),
+    });
+    let reply = sent(&run(&mut s, b""));
+    assert!(reply.len() <= 512, "{}", reply.len());
+    assert!(reply.starts_with("454 4.7.0 Gmail cannot be reached right now (abxxx"));
+    assert!(reply.ends_with("xxx\r\n"));
+    assert_eq!(reply.matches("\r\n").count(), 1);
 }
 
 #[test]
