@@ -161,6 +161,7 @@ struct RawLimits {
     upstream_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     imap_connections_per_account: Option<usize>,
+    max_pending_per_source: Option<usize>,
 }
 
 /// A validated config.
@@ -243,6 +244,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Gmail allows 15 simultaneous IMAP connections per account; more are refused here.
     pub imap_connections_per_account: usize,
+    /// Connections from one address (IPv6: one /64) that may be logging in at once.
+    pub max_pending_per_source: usize,
 }
 
 impl Default for Limits {
@@ -253,6 +256,7 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             imap_connections_per_account: 15,
+            max_pending_per_source: 64,
         }
     }
 }
@@ -419,6 +423,11 @@ impl Config {
         }
 
         let d = Limits::default();
+        if raw.limits.preauth_timeout_secs == Some(0) {
+            return Err(invalid(
+                "[limits] preauth_timeout_secs must be at least 1 (it bounds how long a client may take to log in)".into(),
+            ));
+        }
         let limits = Limits {
             max_connections: raw
                 .limits
@@ -444,6 +453,11 @@ impl Config {
                 .limits
                 .imap_connections_per_account
                 .unwrap_or(d.imap_connections_per_account)
+                .max(1),
+            max_pending_per_source: raw
+                .limits
+                .max_pending_per_source
+                .unwrap_or(d.max_pending_per_source)
                 .max(1),
         };
 
@@ -648,6 +662,17 @@ email = "Alice@Gmail.com"
         let bad =
             "state_dir = \"s\"\n[providers.google]\ntoken_url = \"http://example.com/token\"\n";
         assert!(parse(bad).unwrap_err().to_string().contains("loopback"));
+    }
+
+    #[test]
+    fn a_zero_preauth_timeout_is_refused_by_name() {
+        let err = parse("state_dir = \"s\"\n[limits]\npreauth_timeout_secs = 0\n").unwrap_err();
+        assert!(err.to_string().contains("preauth_timeout_secs"), "{err}");
+        let ok = parse(
+            "state_dir = \"s\"\n[limits]\npreauth_timeout_secs = 1\nmax_pending_per_source = 5\n",
+        )
+        .unwrap();
+        assert_eq!(ok.limits.max_pending_per_source, 5);
     }
 
     #[test]
