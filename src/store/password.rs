@@ -183,7 +183,12 @@ impl Default for Checker {
 fn work(jobs: &Mutex<mpsc::Receiver<Job>>) {
     let mut memory = WorkMemory::default();
     loop {
-        let next = jobs.lock().unwrap_or_else(|e| e.into_inner()).try_recv();
+        // A worker holding the queue's lock is waiting for work: the queue is empty then.
+        let next = match jobs.try_lock() {
+            Ok(queue) => queue.try_recv(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().try_recv(),
+            Err(std::sync::TryLockError::WouldBlock) => Err(mpsc::TryRecvError::Empty),
+        };
         let job = match next {
             Ok(job) => job,
             Err(mpsc::TryRecvError::Disconnected) => return,
