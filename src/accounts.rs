@@ -32,11 +32,8 @@ pub struct Accounts {
     /// Checks in progress, by the same digest: a client reconnecting many times at once with
     /// a password not yet cached waits for one Argon2 run instead of starting its own.
     in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
-    /// Argon2 runs at once (each takes ~19 MiB and a core): bounded so a flood of distinct
-    /// passwords costs queueing, not memory.
-    hashing: tokio::sync::Semaphore,
-    /// Argon2 runs so far (for tests and diagnostics).
-    hash_runs: std::sync::atomic::AtomicU64,
+    /// Argon2 runs, on a fixed set of workers whose memory is reused.
+    checker: password::Checker,
     cache_key: [u8; 32],
     /// Verified against for unknown users, so they cost the same time as known ones.
     decoy_hash: String,
@@ -52,15 +49,12 @@ impl std::fmt::Debug for Accounts {
 
 impl Accounts {
     pub fn new(registry: Arc<Registry>) -> Result<Accounts, StoreError> {
-        let decoy_hash = password::hash(&password::generate()).map_err(StoreError::Other)?;
+        let (_, decoy_hash) = password::generate().map_err(StoreError::Other)?;
         Ok(Accounts {
             registry,
             verified: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            hashing: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
-            ),
-            hash_runs: Default::default(),
+            checker: password::Checker::new(),
             cache_key: rand::random(),
             decoy_hash,
         })
@@ -104,7 +98,7 @@ impl Accounts {
             if self.cached(&digest, &hashes) {
                 Ok(key)
             } else {
-                self.check(&key, password, hashes, digest).await
+                self.check(&key, password, &hashes, digest).await
             }
         };
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -117,7 +111,7 @@ impl Accounts {
 
     /// How many Argon2 checks ran (cache misses).
     pub fn hash_runs(&self) -> u64 {
-        self.hash_runs.load(std::sync::atomic::Ordering::Relaxed)
+        self.checker.runs()
     }
 
     /// Whether this digest was verified before against a hash the account still has.
@@ -126,45 +120,40 @@ impl Accounts {
         cache.get(digest).is_some_and(|h| hashes.contains(h))
     }
 
-    /// Run Argon2 (bounded in parallel) and remember a match.
+    /// Run Argon2 once against the hash the password names (a decoy if none fits) and
+    /// remember a match. Only a password of the older format may need more than one run.
     async fn check(
         &self,
         key: &AccountKey,
         password: &Secret,
-        hashes: Vec<String>,
+        hashes: &[String],
         digest: [u8; 32],
     ) -> Result<AccountKey, LocalAuthError> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|e| LocalAuthError::Store(format!("password check failed: {e}")))?;
-        self.hash_runs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pw = password.clone();
-        let decoy = self.decoy_hash.clone();
-        let matched = tokio::task::spawn_blocking(move || {
-            if hashes.is_empty() {
-                let _ = password::verify(pw.expose().as_bytes(), &decoy);
-                return None;
-            }
-            hashes
-                .into_iter()
-                .find(|h| password::verify(pw.expose().as_bytes(), h))
-        })
-        .await
-        .map_err(|e| LocalAuthError::Store(format!("password check failed: {e}")))?;
-        match matched {
-            Some(hash) => {
+        let candidates = password::candidates(password.expose(), hashes);
+        let store_error = |e: String| LocalAuthError::Store(format!("password check failed: {e}"));
+        if candidates.is_empty() {
+            self.checker
+                .verify(password, &self.decoy_hash)
+                .await
+                .map_err(store_error)?;
+            return Err(LocalAuthError::BadCredentials);
+        }
+        for hash in candidates {
+            if self
+                .checker
+                .verify(password, hash)
+                .await
+                .map_err(store_error)?
+            {
                 let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
                 if cache.len() >= CACHE_LIMIT {
                     cache.clear();
                 }
-                cache.insert(digest, hash);
-                Ok(key.clone())
+                cache.insert(digest, hash.clone());
+                return Ok(key.clone());
             }
-            None => Err(LocalAuthError::BadCredentials),
         }
+        Err(LocalAuthError::BadCredentials)
     }
 
     fn digest(&self, key: &AccountKey, password: &Secret) -> [u8; 32] {
@@ -181,6 +170,7 @@ impl Accounts {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::registry::add_password;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn concurrent_logins_with_a_new_password_share_one_argon2_run() {
@@ -192,7 +182,7 @@ mod tests {
         .unwrap();
         let store = crate::store::Store::open(&config.state_dir, &config.store).unwrap();
         let alice = AccountKey::new("alice@x.com");
-        let pw = crate::registry::add_password(&store, &alice, "laptop").unwrap();
+        let pw = add_password(&store, &alice, "laptop").unwrap();
         let registry = Arc::new(Registry::new(&config, store).unwrap());
         let accounts = Arc::new(Accounts::new(registry).unwrap());
         let logins: Vec<_> = (0..20)
@@ -217,5 +207,55 @@ mod tests {
         );
         assert_eq!(accounts.hash_runs(), 3);
         assert!(accounts.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_wrong_password_costs_one_argon2_run_whatever_the_number_of_passwords() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            "state_dir = \"state\"\n[[account]]\nemail = \"p0@x.com\"\n[[account]]\nemail = \"p1@x.com\"\n[[account]]\nemail = \"p2@x.com\"\n[[account]]\nemail = \"p5@x.com\"\n",
+            &tmp.path().join("config.toml"),
+        )
+        .unwrap();
+        let store = crate::store::Store::open(&config.state_dir, &config.store).unwrap();
+        let mut issued = Vec::new();
+        for (email, n) in [("p1@x.com", 1), ("p2@x.com", 2), ("p5@x.com", 5)] {
+            for i in 0..n {
+                issued
+                    .push(add_password(&store, &AccountKey::new(email), &format!("l{i}")).unwrap());
+            }
+        }
+        let registry = Arc::new(Registry::new(&config, store).unwrap());
+        let accounts = Arc::new(Accounts::new(registry).unwrap());
+        let (other, _) = password::generate().unwrap();
+        // A wrong password of the current format naming an existing hash, and the last
+        // characters of a real password swapped.
+        let mut near = issued[3].expose().to_string();
+        near.replace_range(10.., &other.expose()[10..]);
+        let wrongs = [Secret::new("wrong"), other, Secret::new(near)];
+        for user in [
+            "p0@x.com",
+            "p1@x.com",
+            "p2@x.com",
+            "p5@x.com",
+            "stranger@x.com",
+        ] {
+            for wrong in &wrongs {
+                let before = accounts.hash_runs();
+                assert_eq!(
+                    accounts.verify(user, wrong).await,
+                    Err(LocalAuthError::BadCredentials)
+                );
+                assert_eq!(accounts.hash_runs() - before, 1, "{user}");
+            }
+        }
+        for (i, pw) in issued.iter().enumerate() {
+            let before = accounts.hash_runs();
+            assert!(
+                accounts.verify("p5@x.com", pw).await.is_ok() == (i >= 3),
+                "{i}"
+            );
+            assert_eq!(accounts.hash_runs() - before, 1);
+        }
     }
 }

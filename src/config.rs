@@ -192,6 +192,7 @@ struct RawLimits {
     upstream_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     imap_connections_per_account: Option<usize>,
+    max_pending_per_source: Option<usize>,
 }
 
 /// A validated config.
@@ -277,6 +278,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Gmail allows 15 simultaneous IMAP connections per account; more are refused here.
     pub imap_connections_per_account: usize,
+    /// Connections from one address (IPv6: one /64) that may be logging in at once.
+    pub max_pending_per_source: usize,
 }
 
 impl Default for Limits {
@@ -287,6 +290,7 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             imap_connections_per_account: 15,
+            max_pending_per_source: 64,
         }
     }
 }
@@ -610,6 +614,10 @@ fn limits(raw: &RawLimits, cx: &Context) -> Result<Limits, ConfigError> {
             .imap_connections_per_account
             .unwrap_or(d.imap_connections_per_account)
             .max(1),
+        max_pending_per_source: raw
+            .max_pending_per_source
+            .unwrap_or(d.max_pending_per_source)
+            .max(1),
     };
     Ok(limits)
 }
@@ -807,6 +815,8 @@ email = "Alice@Gmail.com"
             .unwrap_err()
             .to_string();
         assert!(err.contains("preauth_timeout_secs = 0"), "{err}");
+        let ok = parse("[limits]\npreauth_timeout_secs = 1\nmax_pending_per_source = 5\n").unwrap();
+        assert_eq!(ok.limits.max_pending_per_source, 5);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The real binary: `serve` exit codes and graceful shutdown, `password` and `import`, and
-//! a trace-level run whose logs must not contain any secret.
+//! The real binary: `serve` exit codes and graceful shutdown, `password` and `import`, a
+//! trace-level run whose logs must not contain any secret or forged line, and its memory
+//! under storms of wrong logins.
 
 mod harness;
 mod support;
@@ -216,6 +217,15 @@ impl Served {
             }
         });
         Served { child, log }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 
     /// The bound address of the `protocol` listener, from its "listening" log line.
@@ -438,5 +448,144 @@ async fn trace_logs_of_every_protocol_and_failure_hold_no_secret_and_sigterm_exi
             !log.contains(secret),
             "secret {secret:?} appears in the log"
         );
+    }
+}
+
+/// A serving proxy for ALICE (no password needed: these tests log in wrongly) with its IMAP
+/// listener's address; the config dir lives as long as the proxy.
+async fn serve_imap() -> (Served, std::net::SocketAddr, tempfile::TempDir) {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing reaches upstream: every login here is wrong.
+    let nowhere = "127.0.0.1:9".parse().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &config_text(
+            &google,
+            &pki,
+            &[ListenerSpec::new("imap", nowhere)],
+            &[ALICE],
+        ),
+    );
+    let served = Served::start(&cfg);
+    let addr = tokio::task::block_in_place(|| served.wait_listening("imap"));
+    (served, addr, dir)
+}
+
+/// `n` wrong logins, `parallel` at a time, the i-th as `username(i)` from its own source
+/// address 127.`net`.x.y; the proxy's peak RSS meanwhile (KiB).
+async fn wrong_login_storm(
+    served: &Served,
+    addr: std::net::SocketAddr,
+    net: u8,
+    n: usize,
+    parallel: usize,
+    username: fn(usize) -> Vec<u8>,
+) -> u64 {
+    let tasks: Vec<_> = (0..parallel)
+        .map(|k| {
+            tokio::spawn(async move {
+                for i in (k..n).step_by(parallel) {
+                    let source = support::storm::source(net, i);
+                    let line = support::storm::imap_login_from(addr, source, &username(i))
+                        .await
+                        .unwrap();
+                    assert!(line.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{line}");
+                }
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    for t in tasks {
+        while !t.is_finished() {
+            peak = peak.max(served.rss_kib());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t.await.unwrap();
+    }
+    peak.max(served.rss_kib())
+}
+
+/// The proxy's RSS once it has been idle long enough to give back what it will (KiB): the
+/// lowest of a few samples a second apart.
+async fn idle_rss_kib(served: &Served) -> u64 {
+    let mut lowest = u64::MAX;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lowest = lowest.min(served.rss_kib());
+    }
+    lowest
+}
+
+const MIB: u64 = 1024;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storm_of_wrong_passwords_leaves_memory_flat() {
+    let (served, addr, _dir) = serve_imap().await;
+    let start = idle_rss_kib(&served).await;
+    let peak = wrong_login_storm(&served, addr, 20, 1000, 16, |i| {
+        format!("nobody-{i}@example.com").into_bytes()
+    })
+    .await;
+    let after = idle_rss_kib(&served).await;
+    eprintln!(
+        "RSS: start {} KiB, peak {} KiB, idle after {} KiB",
+        start, peak, after
+    );
+    assert!(peak <= start + 64 * MIB, "peak {peak} KiB from {start} KiB");
+    assert!(
+        after <= start + 8 * MIB,
+        "idle {after} KiB from {start} KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thousands_of_long_usernames_do_not_grow_memory() {
+    let (served, addr, _dir) = serve_imap().await;
+    // Warmed up first: what a few wrong logins allocate for good (runtime, buffers) is not
+    // what this test is about.
+    let long_name = |i: usize| {
+        let mut name = format!("{i:08}-").into_bytes();
+        name.resize(8192, b'x');
+        name
+    };
+    wrong_login_storm(&served, addr, 21, 200, 16, long_name).await;
+    let start = idle_rss_kib(&served).await;
+    wrong_login_storm(&served, addr, 22, LONG_USERNAMES, 16, long_name).await;
+    let after = idle_rss_kib(&served).await;
+    eprintln!("RSS: start {start} KiB, after {LONG_USERNAMES} long usernames {after} KiB");
+    assert!(after <= start + 8 * MIB, "{after} KiB from {start} KiB");
+}
+
+/// Each wrong login costs one Argon2 run by design, so 10,000 would take minutes here; 2,000
+/// of the 24 KiB entries the throttle used to keep were already 48 MiB.
+const LONG_USERNAMES: usize = 2_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_text_never_reaches_the_log_and_cannot_forge_a_line() {
+    let (mut served, addr, _dir) = serve_imap().await;
+    let mut username = b"evil\r\n2026-12-01T00:00:00.000000Z  INFO xoauth2_proxy::proxy::session: logged in account=victim@gmail.com\x1b[2K\0\r".to_vec();
+    username.resize(8192, b'A');
+    let source = support::storm::source(23, 0);
+    let line = support::storm::imap_login_from(addr, source, &username)
+        .await
+        .unwrap();
+    assert!(line.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{line}");
+    let code = tokio::task::block_in_place(|| served.terminate());
+    assert_eq!(code, 0);
+    // Served runs at trace level.
+    let log = served.log.lock().unwrap().join("\n");
+    let digest = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(String::from_utf8_lossy(&username).as_bytes());
+        d[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert!(log.contains(&format!("unknown user {digest}")), "{log}");
+    for forged in ["victim", "evil", "AAAAAAAA", "\x1b", "\0", "\r"] {
+        assert!(!log.contains(forged), "{forged:?} reached the log");
     }
 }

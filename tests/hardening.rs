@@ -444,7 +444,12 @@ async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 }
 
 async fn raw_login(tcp: &mut TcpStream, tag: &str, password: &str) -> String {
-    tcp.write_all(format!("{tag} LOGIN {ALICE} {password}\r\n").as_bytes())
+    raw_login_as(tcp, tag, ALICE, password).await
+}
+
+/// LOGIN as `user`; the tagged reply line (the test fails if the proxy closes first).
+async fn raw_login_as(tcp: &mut TcpStream, tag: &str, user: &str, password: &str) -> String {
+    tcp.write_all(format!("{tag} LOGIN {user} {password}\r\n").as_bytes())
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -515,4 +520,226 @@ async fn password_guessing_slows_down_and_never_reaches_google_or_gmail() {
     // connection, both for the owner's login.
     assert_eq!(google.token_requests(), 1);
     assert_eq!(imap.connections(), 1);
+}
+
+/// Everything the proxy sends until it closes the connection (at most `within`).
+async fn read_until_closed(tcp: &mut TcpStream, within: Duration) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(within, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&got).into_owned(),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("not closed: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+}
+
+/// Connected from `source` and greeted.
+async fn greeted_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let mut tcp = connect_from(source, addr).await;
+    let mut greeting = [0u8; 512];
+    let n = tcp.read(&mut greeting).await.unwrap();
+    assert!(greeting[..n].starts_with(b"* OK"), "{:?}", &greeting[..n]);
+    tcp
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_logs_in_at_once_while_a_guesser_on_the_same_address_waits() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let limits = "upstream_timeout_secs = 5\npreauth_timeout_secs = 10\nshutdown_grace_secs = 1\n";
+    let (proxy, pw) = proxy_before(imap.addr, &google, &pki, limits).await;
+    let addr = proxy.addrs[0];
+    // Ten wrong logins in a row, then four in parallel, all from the owner's address; only
+    // the free first answers are waited for.
+    let mut guessers = Vec::new();
+    for i in 0..14 {
+        let mut tcp = greeted_from("127.0.0.9", addr).await;
+        if i < 2 {
+            let line = raw_login(&mut tcp, &format!("g{i}"), &format!("wrong-{i}")).await;
+            assert!(line.contains("NO [AUTHENTICATIONFAILED]"), "{line}");
+        } else {
+            let line = format!("g{i} LOGIN {ALICE} wrong-{i}\r\n");
+            tcp.write_all(line.as_bytes()).await.unwrap();
+        }
+        guessers.push(tcp);
+    }
+    let checked = Instant::now();
+    while proxy.app.accounts.hash_runs() < 14 {
+        assert!(
+            checked.elapsed() < Duration::from_secs(10),
+            "guesses not checked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut owner = greeted_from("127.0.0.9", addr).await;
+    let start = Instant::now();
+    let line = raw_login(&mut owner, "o1", &pw).await;
+    let owner_took = start.elapsed();
+    assert!(line.starts_with("o1 OK"), "{line}");
+    assert!(
+        owner_took < Duration::from_secs(3),
+        "the owner waited {owner_took:?}"
+    );
+    // The guessers' answers went out late or their connections ran out of time; none got in.
+    for mut tcp in guessers {
+        let text = read_until_closed(&mut tcp, Duration::from_secs(15)).await;
+        assert!(!text.contains(" OK"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_logins_do_not_extend_the_preauth_deadline() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let limits = "upstream_timeout_secs = 5\npreauth_timeout_secs = 3\nshutdown_grace_secs = 1\n";
+    let (proxy, _pw) = proxy_before(imap.addr, &google, &pki, limits).await;
+    let tcp = greeted_from("127.0.0.10", proxy.addrs[0]).await;
+    let start = Instant::now();
+    let (mut rx, mut tx) = tcp.into_split();
+    let guessing = tokio::spawn(async move {
+        for i in 0..10 {
+            let line = format!("g{i} LOGIN nobody@example.com wrong-{i}\r\n");
+            if tx.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(9), rx.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("still open: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let closed_after = start.elapsed();
+    guessing.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("NO [AUTHENTICATIONFAILED]"), "{text}");
+    assert!(text.contains("* BYE Autologout"), "{text}");
+    assert!(
+        closed_after >= Duration::from_millis(2500) && closed_after < Duration::from_secs(6),
+        "closed after {closed_after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_stuck_upstream_is_closed_at_the_preauth_deadline() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let up = scripted(Script::TlsStall, Some(pki.server_config())).await;
+    let limits = "upstream_timeout_secs = 30\npreauth_timeout_secs = 2\nshutdown_grace_secs = 1\n";
+    let (proxy, pw) = proxy_before(up.addr, &google, &pki, limits).await;
+    let mut tcp = greeted_from("127.0.0.13", proxy.addrs[0]).await;
+    let start = Instant::now();
+    let line = format!("a1 LOGIN {ALICE} {pw}\r\n");
+    tcp.write_all(line.as_bytes()).await.unwrap();
+    let text = read_until_closed(&mut tcp, Duration::from_secs(10)).await;
+    assert!(text.contains("* BYE Autologout"), "{text}");
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_address_has_a_bounded_number_of_connections_logging_in() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let limits = format!("{TEST_LIMITS}max_pending_per_source = 3\n");
+    let (proxy, pw) = proxy_before(imap.addr, &google, &pki, &limits).await;
+    let addr = proxy.addrs[0];
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(greeted_from("127.0.0.11", addr).await);
+    }
+    let mut refused = connect_from("127.0.0.11", addr).await;
+    let text = read_until_closed(&mut refused, Duration::from_secs(5)).await;
+    assert!(
+        text.starts_with("* BYE [UNAVAILABLE] Too many connections"),
+        "{text}"
+    );
+    // Another address is not affected.
+    greeted_from("127.0.0.12", addr).await;
+    // Once one of them has logged in, its place is free again.
+    let line = raw_login(&mut waiting[0], "a1", &pw).await;
+    assert!(line.starts_with("a1 OK"), "{line}");
+    greeted_from("127.0.0.11", addr).await;
+}
+
+/// Wrong answers one source gets within `window`, from `parallel` connections at a time
+/// (each a new connection per attempt, logging in as an unknown user).
+async fn wrong_answers_within(
+    addr: SocketAddr,
+    source: &'static str,
+    parallel: usize,
+    window: Duration,
+) -> usize {
+    let start = Instant::now();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..parallel)
+        .map(|p| {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let mut tcp = greeted_from(source, addr).await;
+                    let user = format!("nobody-{p}-{i}@example.com");
+                    let login = raw_login_as(&mut tcp, "g", &user, "wrong");
+                    let Ok(line) = tokio::time::timeout_at((start + window).into(), login).await
+                    else {
+                        return;
+                    };
+                    assert!(line.contains("NO [AUTHENTICATIONFAILED]"), "{line}");
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    answered.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guessing_stays_slow_sequentially_and_in_parallel() {
+    use xoauth2_proxy::proxy::throttle::delay_for;
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let (proxy, _pw) = proxy_before(imap.addr, &google, &pki, TEST_LIMITS).await;
+    let addr = proxy.addrs[0];
+    let window = Duration::from_secs(12);
+    // The most answers the schedule allows in the window: the n-th wrong answer goes out
+    // no sooner than the sum of the first n delays after the first.
+    let mut total = Duration::ZERO;
+    let bound = (1..)
+        .take_while(|&n| {
+            total += delay_for(n);
+            total <= window
+        })
+        .count();
+    let (sequential, parallel) = tokio::join!(
+        wrong_answers_within(addr, "127.0.1.1", 1, window),
+        wrong_answers_within(addr, "127.0.1.2", 16, window),
+    );
+    let per_minute = |n: usize| n as f64 * 60.0 / window.as_secs_f64();
+    eprintln!(
+        "wrong answers per minute from one source: sequential {:.0}, 16 in parallel {:.0} (schedule allows {:.0})",
+        per_minute(sequential),
+        per_minute(parallel),
+        per_minute(bound)
+    );
+    assert!(sequential >= 2, "the free failures are answered at once");
+    assert!(sequential <= bound, "{sequential} > {bound}");
+    assert!(parallel <= bound, "{parallel} > {bound}");
 }

@@ -285,9 +285,10 @@ async fn upstream_unreachable_is_a_temporary_failure() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_access_token_is_refreshed_once_for_a_hundred_parallel_logins() {
-    // Above Gmail's 15 sessions per account, which the proxy otherwise enforces.
+    // Above Gmail's 15 sessions per account and the 64 connections per address logging in,
+    // which the proxy otherwise enforces.
     let limits = format!(
-        "{}imap_connections_per_account = 200\n",
+        "{}imap_connections_per_account = 200\nmax_pending_per_source = 200\n",
         harness::TEST_LIMITS
     );
     let w = world_with_limits(

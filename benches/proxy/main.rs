@@ -9,8 +9,10 @@
 //! (login-fetch-logout cycles through the proxy, with its memory and descriptors before and
 //! after; 0 = skip, the default; 100000 for the hardening soak); `--samples N`
 //! (login latency samples per route, 400); `--sessions N` (idle sessions, 10000, capped by the
-//! descriptor limit); `--burst N` (1000); `--storm N` (1000); `--message-mib N` (8); for
-//! profiling `--only idle|burst|latency|throughput|storm|soak`, `--transfer
+//! descriptor limit); `--burst N` (1000); `--storm N` (1000); `--wrong N` (wrong-password
+//! storm: logins with a wrong password, 16 at once, each from its own 127.x.y.z address, with
+//! the proxy's memory before, at peak and after; 1000); `--message-mib N` (8); for
+//! profiling `--only idle|burst|latency|throughput|storm|wrong|soak`, `--transfer
 //! imap_fetch|smtp_data|pop3_retr` and `--streams 1|16`. `XOAUTH2_PROXY_BIN=path` runs another
 //! build of the proxy. Everything listens on 127.0.0.1 and every wait is bounded; a watchdog
 //! ends the run after 15 minutes.
@@ -55,6 +57,7 @@ struct Opts {
     sessions: usize,
     burst: usize,
     storm: usize,
+    wrong: usize,
     soak: usize,
     message_mib: usize,
     /// Run only this phase (for profiling).
@@ -75,6 +78,7 @@ impl Opts {
             sessions: 10_000,
             burst: 1000,
             storm: 1000,
+            wrong: 1000,
             soak: 0,
             message_mib: 8,
             only: None,
@@ -107,6 +111,7 @@ impl Opts {
                 "--sessions" => o.sessions = num("--sessions")? as usize,
                 "--burst" => o.burst = num("--burst")? as usize,
                 "--storm" => o.storm = num("--storm")? as usize,
+                "--wrong" => o.wrong = num("--wrong")? as usize,
                 "--soak" => o.soak = num("--soak")? as usize,
                 "--message-mib" => o.message_mib = num("--message-mib")? as usize,
                 other => return Err(format!("unknown option {other}")),
@@ -124,7 +129,7 @@ fn main() {
     let opts = match Opts::parse() {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("bench: {e}\nusage: cargo bench --bench proxy -- [--json] [--quick] [--secs S] [--rounds N] [--samples N] [--sessions N] [--burst N] [--storm N] [--soak N] [--message-mib N] [--only idle|burst|latency|throughput|storm|soak] [--transfer imap_fetch|smtp_data|pop3_retr] [--streams 1|16]");
+            eprintln!("bench: {e}\nusage: cargo bench --bench proxy -- [--json] [--quick] [--secs S] [--rounds N] [--samples N] [--sessions N] [--burst N] [--storm N] [--wrong N] [--soak N] [--message-mib N] [--only idle|burst|latency|throughput|storm|wrong|soak] [--transfer imap_fetch|smtp_data|pop3_retr] [--streams 1|16]");
             std::process::exit(2);
         }
     };
@@ -269,7 +274,7 @@ fn config_text(
     addrs: [SocketAddr; 3],
 ) -> String {
     let mut text = format!(
-        "state_dir = \"state\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[providers.google]\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nauth_url = \"{}\"\n\n[limits]\nmax_connections = 20000\nimap_connections_per_account = 20000\npreauth_timeout_secs = 60\nupstream_timeout_secs = 30\nshutdown_grace_secs = 1\n",
+        "state_dir = \"state\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[providers.google]\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nauth_url = \"{}\"\n\n[limits]\nmax_connections = 20000\nimap_connections_per_account = 20000\nmax_pending_per_source = 20000\npreauth_timeout_secs = 60\nupstream_timeout_secs = 30\nshutdown_grace_secs = 1\n",
         pki.cert_pem_path.display(),
         pki.key_pem_path.display(),
         google.token_url,
@@ -413,6 +418,11 @@ async fn run(opts: &Opts, nofile: u64) -> Result<Value, String> {
     } else {
         Value::Null
     };
+    let wrong = if opts.wrong > 0 && want("wrong") {
+        phase_wrong_passwords(&env, opts.wrong).await?
+    } else {
+        Value::Null
+    };
     let soak = if opts.soak > 0 && want("soak") {
         phase_soak(&env, opts.soak).await?
     } else {
@@ -440,6 +450,7 @@ async fn run(opts: &Opts, nofile: u64) -> Result<Value, String> {
         "burst": burst,
         "idle_sessions": idle,
         "refresh_storm": storm,
+        "wrong_password_storm": wrong,
         "soak": soak,
         "cpu": cpu,
         "proxy_warnings_logged": log_lines,
@@ -887,6 +898,64 @@ async fn phase_storm(env: &Env, n: usize) -> Result<Value, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 7: wrong-password storm
+
+/// The proxy's RSS after it has been idle a moment: the lowest of a few samples (KiB).
+async fn idle_rss_kib(pid: u32) -> u64 {
+    let mut lowest = u64::MAX;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lowest = lowest.min(sys::rss_kib(pid).unwrap_or(0));
+    }
+    lowest
+}
+
+async fn phase_wrong_passwords(env: &Env, n: usize) -> Result<Value, String> {
+    const PARALLEL: usize = 16;
+    progress(&format!(
+        "wrong-password storm: {n} wrong logins, {PARALLEL} at once"
+    ));
+    let pid = env.proxy.pid();
+    let rss0 = idle_rss_kib(pid).await;
+    let addr = env.proxy.imap;
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for k in 0..PARALLEL {
+        tasks.spawn(async move {
+            let mut refused = 0;
+            for i in (k..n).step_by(PARALLEL) {
+                // Unknown users count against their source only, and each has its own.
+                let user = format!("nobody-{i}@example.com");
+                let source = support::storm::source(30, i);
+                let line = support::storm::imap_login_from(addr, source, user.as_bytes()).await?;
+                refused += usize::from(line.starts_with("a1 NO"));
+            }
+            Ok::<usize, String>(refused)
+        });
+    }
+    let mut peak = rss0;
+    let mut refused = 0;
+    while !tasks.is_empty() {
+        peak = peak.max(sys::rss_kib(pid).unwrap_or(0));
+        let next = tokio::time::timeout(Duration::from_millis(50), tasks.join_next());
+        if let Ok(Some(r)) = next.await {
+            refused += r.map_err(|e| e.to_string())??;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rss1 = idle_rss_kib(pid).await;
+    Ok(json!({
+        "logins": n,
+        "parallel": PARALLEL,
+        "refused": refused,
+        "secs": round(secs, 2),
+        "proxy_rss_before_kib": rss0,
+        "proxy_rss_peak_kib": peak,
+        "proxy_rss_after_kib": rss1,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
 // the table
 
 // ---------------------------------------------------------------------------------------------
@@ -1197,6 +1266,35 @@ fn render(r: &Value) -> String {
             None,
         );
     }
+    let w = &r["wrong_password_storm"];
+    if !w.is_null() {
+        line(
+            &mut out,
+            &format!(
+                "7. wrong-password storm: {} logins, {} at once",
+                u(&w["logins"]),
+                u(&w["parallel"])
+            ),
+            format!("{} refused in {:.1} s", u(&w["refused"]), f(&w["secs"])),
+            "all",
+            Some(u(&w["refused"]) == u(&w["logins"])),
+        );
+        // The Argon2 workers' memory is the only growth allowed, and it is given back.
+        let grew = f(&w["proxy_rss_peak_kib"]) - f(&w["proxy_rss_before_kib"]);
+        let back = f(&w["proxy_rss_after_kib"]) <= f(&w["proxy_rss_before_kib"]) + 8.0 * 1024.0;
+        line(
+            &mut out,
+            "   proxy RSS before / peak / after",
+            format!(
+                "{:.1} / {:.1} / {:.1} MiB",
+                f(&w["proxy_rss_before_kib"]) / 1024.0,
+                f(&w["proxy_rss_peak_kib"]) / 1024.0,
+                f(&w["proxy_rss_after_kib"]) / 1024.0
+            ),
+            "+64, back",
+            Some(grew <= 64.0 * 1024.0 && back),
+        );
+    }
     let k = &r["soak"];
     if !k.is_null() {
         // Back to the starting level: memory within 10 % (allocator noise), descriptors equal.
@@ -1204,7 +1302,7 @@ fn render(r: &Value) -> String {
         let fds_back = u(&k["proxy_fds_after"]) <= u(&k["proxy_fds_before"]);
         line(
             &mut out,
-            &format!("7. soak: {} login-fetch-logout cycles", u(&k["cycles"])),
+            &format!("8. soak: {} login-fetch-logout cycles", u(&k["cycles"])),
             format!(
                 "{} failed, {:.0} cycles/s",
                 u(&k["failed"]),

@@ -21,34 +21,32 @@ impl From<TokenError> for Failure {
 }
 
 /// Check the local password and get a token. Returns the account's configured email.
+/// The password is checked at once; only the answer to a wrong one waits (see `throttle`).
 pub async fn authorize(
     conn: &Conn,
     credentials: &Credentials,
 ) -> Result<(String, Arc<AccessToken>), Failure> {
     let app = &conn.app;
     let source = conn.peer.ip();
-    let permit = app.throttle.admit(source).await;
     let verified = app
         .accounts
         .verify(&credentials.username, &credentials.password)
         .await;
-    drop(permit);
     let key = match verified {
         Ok(key) => {
             app.throttle.succeeded(source);
             key
         }
         Err(LocalAuthError::BadCredentials) => {
+            let account = app.registry.lookup(&credentials.username);
             tracing::info!(
-                user = %printable(&credentials.username),
+                user = %loggable_user(account.map(|a| a.email.as_str()), &credentials.username),
                 peer = %conn.peer,
                 "login refused: wrong username or password"
             );
+            let key = account.map(|a| a.key());
             app.throttle
-                .failed(
-                    source,
-                    crate::account::AccountKey::new(&credentials.username).as_str(),
-                )
+                .failed(source, key.as_ref().map(|k| k.as_str()))
                 .await;
             return Err(Failure::BadCredentials);
         }
@@ -68,10 +66,17 @@ pub async fn authorize(
     Ok((email, token))
 }
 
-/// A username for a log line: printable, bounded.
-fn printable(s: &str) -> String {
-    s.chars()
-        .take(100)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+/// A username for a log line: a configured account as configured; anything else only as a
+/// short digest, since it may be a password typed into the wrong field (and its text is the
+/// client's, able to forge log lines).
+fn loggable_user(configured: Option<&str>, username: &str) -> String {
+    use sha2::Digest;
+    match configured {
+        Some(email) => email.to_string(),
+        None => {
+            let digest = sha2::Sha256::digest(username.as_bytes());
+            let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+            format!("unknown user {hex}")
+        }
+    }
 }

@@ -16,8 +16,8 @@ pub mod stream;
 pub mod throttle;
 pub mod upstream;
 
-pub(crate) use server::tune;
 pub use server::{bind, raise_fd_limit, serve, BoundListener};
+pub(crate) use server::{refuse_busy, tune};
 pub use splice::splice;
 
 use std::net::SocketAddr;

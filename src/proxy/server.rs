@@ -222,7 +222,7 @@ async fn handle(
     }
 }
 
-async fn refuse_busy(protocol: Protocol, mut tcp: TcpStream) {
+pub(crate) async fn refuse_busy(protocol: Protocol, mut tcp: TcpStream) {
     let line: &[u8] = match protocol {
         Protocol::Imap => {
             b"* BYE [UNAVAILABLE] Too many connections to xoauth2-proxy, try again later\r\n"

@@ -50,26 +50,33 @@ pub(crate) async fn run<D: Dialect>(
     tcp: TcpStream,
     cancel: CancellationToken,
 ) {
+    let cap = conn.app.config.limits.max_pending_per_source;
+    let Some(logging_in) = conn.app.throttle.enter(conn.peer.ip(), cap) else {
+        tracing::warn!(peer = %conn.peer, "too many connections logging in from this address; refusing connection");
+        super::refuse_busy(conn.ctx.config.protocol, tcp).await;
+        return;
+    };
     // Boxed: the login phase's state (client session machine, read buffer, upstream connect
     // and handshake) is large and short-lived; inline it would size every session's task for
     // the session's whole life, while an idle spliced session needs only the splice.
-    let Some((email, client, up, pending)) = Box::pin(log_in(dialect, &conn, tcp, cancel)).await
-    else {
+    let logged_in = Box::pin(log_in(dialect, &conn, tcp, cancel)).await;
+    drop(logging_in);
+    let Some((email, client, up, pending)) = logged_in else {
         return;
     };
     complete(&conn, &email, client, up, pending).await
 }
 
 /// Greet and run the client session machine until a login succeeds upstream; `None` when the
-/// client leaves, times out or the proxy shuts down first.
+/// client leaves, times out or the proxy shuts down first. One deadline from connect covers
+/// every step, the login itself and failed attempts included.
 async fn log_in<D: Dialect>(
     dialect: D,
     conn: &Conn,
     tcp: TcpStream,
     cancel: CancellationToken,
 ) -> Option<(String, Stream, Upstream, Vec<u8>)> {
-    let limits = conn.app.config.limits.clone();
-    let mut deadline = Instant::now() + limits.preauth_timeout;
+    let deadline = Instant::now() + conn.app.config.limits.preauth_timeout;
     let local_tls = conn.ctx.config.local_tls;
     let mut client = open_client(conn, tcp, deadline).await?;
     let starttls = local_tls == LocalTls::Starttls;
@@ -110,17 +117,14 @@ async fn log_in<D: Dialect>(
                         let (email, token) = login::authorize(conn, &credentials).await?;
                         let up = dialect.login(conn, &session, &email, token).await?;
                         Ok::<_, Failure>((email, up))
-                    }
-                    .await;
-                    match result {
-                        Ok((email, up)) => {
+                    };
+                    match timeout_at(deadline, result).await {
+                        Err(_) => return timed_out(&dialect, &mut client).await,
+                        Ok(Ok((email, up))) => {
                             let pending = session.into_pending_input();
                             return Some((email, client, up, pending));
                         }
-                        Err(failure) => {
-                            session.login_failed(&failure);
-                            deadline = Instant::now() + limits.preauth_timeout;
-                        }
+                        Ok(Err(failure)) => session.login_failed(&failure),
                     }
                 }
             }
@@ -135,13 +139,16 @@ async fn log_in<D: Dialect>(
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(n)) => session.feed(&buf[..n]),
-            Err(_) => {
-                let grace = Instant::now() + std::time::Duration::from_secs(2);
-                let _ = timeout_at(grace, client.write_all(dialect.timeout_line())).await;
-                return None;
-            }
+            Err(_) => return timed_out(&dialect, &mut client).await,
         }
     }
+}
+
+/// The pre-auth deadline passed: say so (briefly) and close.
+async fn timed_out<D: Dialect, T>(dialect: &D, client: &mut Stream) -> Option<T> {
+    let grace = Instant::now() + std::time::Duration::from_secs(2);
+    let _ = timeout_at(grace, client.write_all(dialect.timeout_line())).await;
+    None
 }
 
 /// The client connection as the listener wants it: implicit TLS accepted, or plain.

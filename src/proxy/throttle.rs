@@ -1,13 +1,17 @@
-//! Brute-force throttling of local logins. Failures are counted per source address and per
-//! account. A source with repeated failures has its logins serialized and delayed (growing,
-//! capped); a failed attempt on an account that keeps failing is answered late. A correct
-//! login is never delayed by the account's count, so the owner logging in from elsewhere is not
-//! slowed by someone guessing. Counts fade after a quiet period. Each burst is logged once.
+//! Brute-force throttling of local logins. A password is checked at once, so a correct one is
+//! never queued behind anybody's wrong ones; what waits is the answer to a wrong one. Failures
+//! count per source address (IPv6 per /64) and per configured account; the answers to one key's
+//! failures go out one after another, each a growing (capped) delay after the previous, so
+//! parallel connections do not multiply a guesser's rate. Unknown usernames count against the
+//! source only and are never stored. Counts fade after a quiet period, swept on a schedule;
+//! the table of sources is bounded, the oldest dropped first. Each burst is logged once.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Failures allowed before any delay (typos happen).
 const FREE_FAILURES: u32 = 3;
@@ -15,39 +19,13 @@ const BASE_DELAY: Duration = Duration::from_millis(200);
 const MAX_DELAY: Duration = Duration::from_secs(15);
 /// A key with no failure for this long starts over.
 const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
-/// Bound on tracked keys; the oldest are dropped beyond it.
-const MAX_KEYS: usize = 100_000;
+/// How often faded keys are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// Sources tracked at most (about 64 bytes each); beyond, the one whose last failure is oldest
+/// makes room, so the penalties of active guessers stay.
+const MAX_SOURCES: usize = 65_536;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
-    Source(IpAddr),
-    Account(String),
-}
-
-struct Entry {
-    failures: u32,
-    last_failure: Instant,
-    /// Serializes a penalized source's attempts so parallel connections do not multiply its rate.
-    gate: Arc<tokio::sync::Mutex<()>>,
-    logged: bool,
-}
-
-#[derive(Default)]
-pub struct Throttle {
-    entries: Mutex<HashMap<Key, Entry>>,
-}
-
-impl std::fmt::Debug for Throttle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Throttle").finish_non_exhaustive()
-    }
-}
-
-/// Held while a penalized source's attempt runs.
-pub struct Permit {
-    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
+/// The delay before answering the `failures`-th failure in a row.
 pub fn delay_for(failures: u32) -> Duration {
     if failures < FREE_FAILURES {
         return Duration::ZERO;
@@ -56,93 +34,207 @@ pub fn delay_for(failures: u32) -> Duration {
     (BASE_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
 }
 
+/// Where logins come from, as counted: an IPv6 host usually owns its whole /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Source(IpAddr);
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source(IpAddr::V4(v4)),
+                None => Source(IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into())),
+            },
+            v4 => Source(v4),
+        }
+    }
+}
+
+struct Entry {
+    failures: u32,
+    last_failure: Instant,
+    /// When the answer to the latest failure goes out; the next one goes after it.
+    answer_at: Instant,
+    logged: bool,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Entry {
+        Entry {
+            failures: 0,
+            last_failure: now,
+            answer_at: now,
+            logged: false,
+        }
+    }
+
+    /// Count a failure; when its answer may go out, and whether this starts a logged burst.
+    fn bump(&mut self, now: Instant) -> (Instant, bool) {
+        if now.duration_since(self.last_failure) >= FORGET_AFTER {
+            *self = Entry::new(now);
+        }
+        self.failures = self.failures.saturating_add(1);
+        self.last_failure = now;
+        let first_slow = self.failures >= FREE_FAILURES && !self.logged;
+        self.logged |= first_slow;
+        (
+            self.answer_at.max(now) + delay_for(self.failures),
+            first_slow,
+        )
+    }
+
+    fn fresh(&self, now: Instant) -> bool {
+        now.duration_since(self.last_failure) < FORGET_AFTER
+    }
+}
+
+struct Table {
+    sources: HashMap<Source, Entry>,
+    /// Configured accounts only (normalized email), so bounded by the config.
+    accounts: HashMap<String, Entry>,
+    last_sweep: Instant,
+}
+
+impl Table {
+    fn sweep(&mut self, now: Instant) {
+        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        self.sources.retain(|_, e| e.fresh(now));
+        self.accounts.retain(|_, e| e.fresh(now));
+    }
+
+    fn source(&mut self, source: Source, now: Instant) -> &mut Entry {
+        if self.sources.len() >= MAX_SOURCES && !self.sources.contains_key(&source) {
+            let oldest = self
+                .sources
+                .iter()
+                .min_by_key(|(_, e)| e.last_failure)
+                .map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                self.sources.remove(&oldest);
+            }
+        }
+        self.sources
+            .entry(source)
+            .or_insert_with(|| Entry::new(now))
+    }
+}
+
+pub struct Throttle {
+    table: Mutex<Table>,
+    /// Connections per source that have not logged in yet.
+    pending: Arc<Mutex<HashMap<Source, usize>>>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            table: Mutex::new(Table {
+                sources: HashMap::new(),
+                accounts: HashMap::new(),
+                last_sweep: Instant::now(),
+            }),
+            pending: Default::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle").finish_non_exhaustive()
+    }
+}
+
+/// A connection from a source counted as logging in, until dropped.
+pub struct Pending {
+    source: Source,
+    counts: Arc<Mutex<HashMap<Source, usize>>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
 impl Throttle {
-    fn failures(&self, key: &Key) -> (u32, Option<Arc<tokio::sync::Mutex<()>>>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match entries.get(key) {
-            Some(e) if e.last_failure.elapsed() < FORGET_AFTER => {
-                (e.failures, Some(e.gate.clone()))
-            }
-            Some(_) => {
-                entries.remove(key);
-                (0, None)
-            }
-            None => (0, None),
+    /// A connection from `source` starts logging in; `None` when `cap` of its connections
+    /// already are.
+    pub fn enter(&self, source: IpAddr, cap: usize) -> Option<Pending> {
+        let source = Source::of(source);
+        let mut counts = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(source).or_insert(0);
+        if *n >= cap {
+            return None;
         }
+        *n += 1;
+        Some(Pending {
+            source,
+            counts: self.pending.clone(),
+        })
     }
 
-    /// Before checking a login from `source`: wait out its penalty, one attempt at a time.
-    pub async fn admit(&self, source: IpAddr) -> Permit {
-        let (failures, gate) = self.failures(&Key::Source(source));
-        let delay = delay_for(failures);
-        match gate {
-            Some(gate) if !delay.is_zero() => {
-                let guard = gate.lock_owned().await;
-                tokio::time::sleep(delay).await;
-                Permit {
-                    _guard: Some(guard),
-                }
-            }
-            _ => Permit { _guard: None },
-        }
+    /// A login failed: count it against the source and, if it named a configured account
+    /// (its normalized email), that account; wait until its answer may go out.
+    pub async fn failed(&self, source: IpAddr, account: Option<&str>) {
+        let at = self.schedule(source, account, Instant::now());
+        tokio::time::sleep_until(at).await;
     }
 
-    /// A login failed: count it, and wait the account's penalty before the reply goes out.
-    pub async fn failed(&self, source: IpAddr, account: &str) {
-        let account_failures = {
-            let now = Instant::now();
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            if entries.len() >= MAX_KEYS {
-                entries.retain(|_, e| now.duration_since(e.last_failure) < FORGET_AFTER);
-                if entries.len() >= MAX_KEYS {
-                    entries.clear();
-                }
-            }
-            let mut bump = |key: Key| {
-                let e = entries.entry(key.clone()).or_insert_with(|| Entry {
-                    failures: 0,
-                    last_failure: now,
-                    gate: Arc::new(tokio::sync::Mutex::new(())),
-                    logged: false,
-                });
-                if now.duration_since(e.last_failure) >= FORGET_AFTER {
-                    e.failures = 0;
-                    e.logged = false;
-                }
-                e.failures = e.failures.saturating_add(1);
-                e.last_failure = now;
-                if e.failures >= FREE_FAILURES && !e.logged {
-                    e.logged = true;
-                    match &key {
-                        Key::Source(ip) => {
-                            tracing::warn!(source = %ip, failures = e.failures, "repeated failed logins from this address: slowing it down")
-                        }
-                        Key::Account(a) => {
-                            tracing::warn!(account = %a, failures = e.failures, "repeated failed logins for this account: slowing failures down")
-                        }
-                    }
-                }
-                e.failures
-            };
-            bump(Key::Source(source));
-            bump(Key::Account(account.to_string()))
-        };
-        let delay = delay_for(account_failures);
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+    fn schedule(&self, ip: IpAddr, account: Option<&str>, now: Instant) -> Instant {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.sweep(now);
+        let source = Source::of(ip);
+        let (mut at, first_slow) = table.source(source, now).bump(now);
+        if first_slow {
+            tracing::warn!(source = %source.0, "repeated failed logins from this address: slowing it down");
         }
+        if let Some(account) = account {
+            let entry = table
+                .accounts
+                .entry(account.to_string())
+                .or_insert_with(|| Entry::new(now));
+            let (account_at, first_slow) = entry.bump(now);
+            if first_slow {
+                tracing::warn!(%account, "repeated failed logins for this account: slowing failures down");
+            }
+            at = at.max(account_at);
+            entry.answer_at = at;
+        }
+        table.source(source, now).answer_at = at;
+        at
     }
 
     /// A login succeeded: the source is trusted again.
     pub fn succeeded(&self, source: IpAddr) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(&Key::Source(source));
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.sources.remove(&Source::of(source));
+    }
+
+    /// Sources tracked now (for tests and diagnostics).
+    pub fn sources(&self) -> usize {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.sources.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ALICE: Option<&str> = Some("alice@gmail.com");
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
 
     #[test]
     fn delay_grows_after_a_few_free_failures_and_is_capped() {
@@ -154,22 +246,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_guessing_source_waits_and_another_source_does_not() {
+    async fn parallel_failures_from_one_source_are_answered_one_after_another() {
         let t = Throttle::default();
-        let bad: IpAddr = "192.0.2.1".parse().unwrap();
-        let good: IpAddr = "192.0.2.2".parse().unwrap();
-        for _ in 0..6 {
-            t.failed(bad, "alice@gmail.com").await;
+        let now = Instant::now();
+        let mut expected = now;
+        for n in 1..=8 {
+            expected = expected.max(now) + delay_for(n);
+            assert_eq!(t.schedule(ip("192.0.2.1"), None, now), expected);
         }
-        let start = tokio::time::Instant::now();
-        let _p = t.admit(good).await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
-        let start = tokio::time::Instant::now();
-        let _p = t.admit(bad).await;
-        assert_eq!(start.elapsed(), delay_for(6));
-        t.succeeded(bad);
-        let start = tokio::time::Instant::now();
-        let _p2 = t.admit(bad).await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Another source is not slowed; the account only by its own count.
+        assert_eq!(t.schedule(ip("192.0.2.2"), ALICE, now), now);
+        t.succeeded(ip("192.0.2.1"));
+        assert_eq!(t.schedule(ip("192.0.2.1"), None, now), now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_account_failing_from_many_sources_is_answered_late() {
+        let t = Throttle::default();
+        let now = Instant::now();
+        let mut last = now;
+        for i in 0..6 {
+            last = t.schedule(ip(&format!("192.0.2.{i}")), ALICE, now);
+        }
+        assert!(last - now >= delay_for(6), "{:?}", last - now);
+        assert_eq!(t.schedule(ip("192.0.2.99"), None, now), now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faded_sources_are_swept_and_the_table_is_bounded() {
+        let t = Throttle::default();
+        let start = Instant::now();
+        t.schedule(ip("2001:db8::1"), None, start);
+        t.schedule(ip("2001:db8::2"), None, start);
+        assert_eq!(t.sources(), 1, "one /64 is one source");
+        let later = start + FORGET_AFTER + SWEEP_EVERY;
+        t.schedule(ip("192.0.2.1"), None, later);
+        assert_eq!(t.sources(), 1, "the faded source was swept");
+        for i in 0..MAX_SOURCES as u32 + 10 {
+            t.schedule(
+                IpAddr::V4(i.into()),
+                None,
+                later + Duration::from_millis(i.into()),
+            );
+        }
+        assert_eq!(t.sources(), MAX_SOURCES);
+    }
+
+    #[test]
+    fn each_source_has_a_bounded_number_of_connections_logging_in() {
+        let t = Throttle::default();
+        let held: Vec<_> = (0..3).filter_map(|_| t.enter(ip("192.0.2.1"), 3)).collect();
+        assert_eq!(held.len(), 3);
+        assert!(t.enter(ip("192.0.2.1"), 3).is_none());
+        assert!(t.enter(ip("192.0.2.2"), 3).is_some());
+        drop(held);
+        assert!(t.enter(ip("192.0.2.1"), 3).is_some());
+        assert!(t.pending.lock().unwrap().len() <= 1);
     }
 }

@@ -100,9 +100,8 @@ impl Registry {
 }
 
 /// `password add`: a new password for the account under `label`; returns it (to print once).
+/// Each password of an account names a different hash, so a check is one Argon2 run.
 pub fn add_password(store: &Store, key: &AccountKey, label: &str) -> Result<Secret, StoreError> {
-    let pw = password::generate();
-    let hash = password::hash(&pw).map_err(StoreError::Other)?;
     store.update(|data| {
         let account = data.account_mut(key);
         if account.passwords.iter().any(|p| p.label == label) {
@@ -110,14 +109,24 @@ pub fn add_password(store: &Store, key: &AccountKey, label: &str) -> Result<Secr
                 "{key} already has a password labelled {label:?}; remove it first or pick another --label"
             )));
         }
+        let taken: Vec<String> = account
+            .passwords
+            .iter()
+            .filter_map(|p| password::hash_id(&p.hash))
+            .collect();
+        let (pw, hash) = loop {
+            let (pw, hash) = password::generate().map_err(StoreError::Other)?;
+            if !password::hash_id(&hash).is_some_and(|id| taken.contains(&id)) {
+                break (pw, hash);
+            }
+        };
         account.passwords.push(PasswordEntry {
             label: label.to_string(),
             hash,
             created_at: now_unix(),
         });
-        Ok(())
-    })?;
-    Ok(pw)
+        Ok(pw)
+    })
 }
 
 /// `password remove`: true if a password with that label existed.

@@ -16,6 +16,7 @@ pub mod imap;
 pub mod pki;
 pub mod pop3;
 pub mod smtp;
+pub mod storm;
 
 pub use client::TestClient;
 pub use google::{FakeGoogle, GoogleHandle, CLIENT_ID, CLIENT_SECRET};
