@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::oauth::google;
+use crate::oauth::provider::{self, Provider};
 use crate::secret::Secret;
 
-pub const GOOGLE_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
-pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
+pub const GOOGLE_AUTH_URL: &str = google::AUTH_URL;
+pub const GOOGLE_TOKEN_URL: &str = google::TOKEN_URL;
+pub const GMAIL_SCOPE: &str = google::GMAIL_SCOPE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -47,12 +49,9 @@ impl Protocol {
         }
     }
 
+    /// Where a listener without `upstream` connects: the default provider's host.
     pub fn default_upstream(self) -> &'static str {
-        match self {
-            Protocol::Imap => "imap.gmail.com:993",
-            Protocol::Smtp => "smtp.gmail.com:465",
-            Protocol::Pop3 => "pop.gmail.com:995",
-        }
+        provider::default_provider().default_upstream(self)
     }
 }
 
@@ -484,6 +483,7 @@ impl Config {
             .clone()
             .or_else(|| self.google.client_secret.clone());
         Ok(OAuthClient {
+            provider: &google::Google,
             client_id,
             client_secret,
             auth_url: self.google.auth_url.clone(),
@@ -496,6 +496,8 @@ impl Config {
 /// Everything needed to talk to the token endpoint for one account.
 #[derive(Debug, Clone)]
 pub struct OAuthClient {
+    /// Whose endpoints these are: it gives refusals their meaning.
+    pub provider: &'static dyn Provider,
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub auth_url: String,

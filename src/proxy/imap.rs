@@ -29,7 +29,8 @@ impl Dialect for Imap {
         let text = failure.describe();
         let line = match failure {
             Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
+            | Failure::NeverAuthorized { .. }
+            | Failure::Revoked { .. }
             | Failure::TokenRejected { .. } => {
                 format!("{tag} NO [AUTHENTICATIONFAILED] {text}")
             }

@@ -14,8 +14,10 @@ use super::Conn;
 pub enum Failure {
     /// Unknown user or wrong password: answered locally.
     BadCredentials,
-    /// The account must be authorized again (or never was).
-    NotAuthorized { email: String, detail: String },
+    /// The account was never authorized (no refresh token stored).
+    NeverAuthorized { email: String },
+    /// The account's grant was revoked or expired: it must be authorized again.
+    Revoked { email: String, detail: String },
     /// The OAuth client setup is broken; the proxy's admin must act.
     Misconfigured { email: String, detail: String },
     /// Token endpoint or upstream unreachable: try again later.
@@ -31,7 +33,8 @@ pub enum Failure {
 impl From<TokenError> for Failure {
     fn from(e: TokenError) -> Self {
         match e {
-            TokenError::NotAuthorized { email, detail } => Failure::NotAuthorized { email, detail },
+            TokenError::NeverAuthorized { email } => Failure::NeverAuthorized { email },
+            TokenError::Revoked { email, detail } => Failure::Revoked { email, detail },
             TokenError::Misconfigured { email, detail } => Failure::Misconfigured { email, detail },
             TokenError::Temporary { detail, .. } => Failure::Temporary { detail },
         }
@@ -45,10 +48,10 @@ impl Failure {
             Failure::BadCredentials => {
                 "Invalid username or password (use the account's email and a local app password from `xoauth2-proxy password add`)".into()
             }
-            Failure::NotAuthorized { email, detail } if detail == "not authorized yet" => format!(
+            Failure::NeverAuthorized { email } => format!(
                 "{email} is not authorized with Google yet; run `xoauth2-proxy login {email}` on the proxy host"
             ),
-            Failure::NotAuthorized { email, .. } => format!(
+            Failure::Revoked { email, .. } => format!(
                 "Google authorization for {email} has expired or was revoked; run `xoauth2-proxy login {email}` on the proxy host"
             ),
             Failure::Misconfigured { email, detail } => {

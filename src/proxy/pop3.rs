@@ -45,7 +45,8 @@ impl Dialect for Pop3 {
     fn failure_reply(&self, _tag: &str, failure: &Failure) -> Vec<u8> {
         let code = match failure {
             Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
+            | Failure::NeverAuthorized { .. }
+            | Failure::Revoked { .. }
             | Failure::TokenRejected { .. } => "-ERR [AUTH]",
             Failure::Misconfigured { .. } => "-ERR [SYS/PERM]",
             Failure::Temporary { .. } => "-ERR [SYS/TEMP]",

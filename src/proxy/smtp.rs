@@ -81,7 +81,8 @@ impl Dialect for Smtp {
         let text = failure.describe();
         match failure {
             Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
+            | Failure::NeverAuthorized { .. }
+            | Failure::Revoked { .. }
             | Failure::TokenRejected { .. } => one_line("535 5.7.8", &text),
             Failure::Misconfigured { .. }
             | Failure::Temporary { .. }

@@ -61,6 +61,8 @@ struct Inner {
     audience: String,
     /// Every refresh answers with a new refresh token and revokes the one it was given.
     rotate_refresh_tokens: bool,
+    /// When set, POST /token answers 302 to this address instead.
+    token_redirect: Option<String>,
 }
 
 pub struct GoogleState {
@@ -88,11 +90,16 @@ impl GoogleHandle {
 
     fn mint(&self, inner: &mut Inner, email: &str, ttl: Duration) -> String {
         let token = format!("ya29.a0{}", random_urlsafe(120));
+        let now = Instant::now();
+        // An absurd expires_in (u64::MAX, for tests of the proxy's clamp) means "for good".
+        let expires_at = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
         inner.access.insert(
             token.clone(),
             AccessEntry {
                 email: email.to_string(),
-                expires_at: Instant::now() + ttl,
+                expires_at,
             },
         );
         token
@@ -132,6 +139,7 @@ impl FakeGoogle {
                 jwt_claims: Vec::new(),
                 audience: String::new(),
                 rotate_refresh_tokens: false,
+                token_redirect: None,
             }),
             token_requests: AtomicUsize::new(0),
             refresh_grants_ok: AtomicUsize::new(0),
@@ -275,6 +283,11 @@ impl FakeGoogle {
         lock(&self.state.0.inner).jwt_claims.clone()
     }
 
+    /// When set, every POST /token is answered with a 302 redirect to `location`.
+    pub fn set_token_redirect(&self, location: Option<&str>) {
+        lock(&self.state.0.inner).token_redirect = location.map(str::to_string);
+    }
+
     /// Whether this refresh token is known and not revoked.
     pub fn refresh_token_is_live(&self, refresh_token: &str) -> bool {
         lock(&self.state.0.inner)
@@ -326,7 +339,11 @@ async fn handle(state: &GoogleHandle, req: Request) -> Response {
              <body><p><b>503.</b> That's an error.</p></body></html>",
         );
     }
+    let redirect = lock(&state.0.inner).token_redirect.clone();
     match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/token") if redirect.is_some() => {
+            Response::redirect(redirect.as_deref().unwrap_or_default())
+        }
         ("POST", "/token") => token(state, &req),
         ("GET", "/auth") | ("GET", "/o/oauth2/v2/auth") | ("GET", "/o/oauth2/auth") => {
             authorize(state, &req)

@@ -1,0 +1,66 @@
+//! The provider seam: what differs between OAuth mail providers sits behind `Provider`.
+//! Google (google.rs) is the only one today. Another provider is one more file implementing
+//! this trait, a line in `by_name`, and its `[providers.NAME]` section in the config.
+
+use crate::config::Protocol;
+
+use super::token_endpoint::{GrantError, Refusal};
+
+/// Default OAuth endpoints (the config may override each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub auth_url: &'static str,
+    pub token_url: &'static str,
+    /// RFC 8628 device authorization, where the provider offers it for mail scopes.
+    pub device_url: Option<&'static str>,
+}
+
+/// The names a provider's messages use, so client replies and log lines say whose service
+/// failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Words {
+    /// Who issues the authorization: "Google".
+    pub provider: &'static str,
+    /// The mail service: "Gmail".
+    pub mail: &'static str,
+}
+
+pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
+    /// The config section name: `[providers.google]`.
+    fn id(&self) -> &'static str;
+    fn words(&self) -> &'static Words;
+    fn endpoints(&self) -> Endpoints;
+    /// The scope a token must carry to log in with `protocol`.
+    fn scope(&self, protocol: Protocol) -> &'static str;
+    /// The scopes a login asks for: enough for every protocol (one token serves them all).
+    fn login_scopes(&self) -> Vec<&'static str> {
+        let mut scopes = Vec::new();
+        for p in [Protocol::Imap, Protocol::Smtp, Protocol::Pop3] {
+            if !scopes.contains(&self.scope(p)) {
+                scopes.push(self.scope(p));
+            }
+        }
+        scopes
+    }
+    /// Where a listener without `upstream` connects: `HOST:PORT`.
+    fn default_upstream(&self, protocol: Protocol) -> &'static str;
+    /// Extra parameters of the authorization URL (consent and offline access).
+    fn authorization_params(&self) -> &'static [(&'static str, &'static str)];
+    /// What a refusal of a refresh token means, with the fix.
+    fn refresh_refusal(&self, r: &Refusal) -> GrantError;
+    /// What a refusal of an authorization code means, with the fix.
+    fn code_refusal(&self, r: &Refusal, redirect_uri: &str) -> GrantError;
+}
+
+/// The provider a config section names.
+pub fn by_name(id: &str) -> Option<&'static dyn Provider> {
+    match id {
+        "google" => Some(&super::google::Google),
+        _ => None,
+    }
+}
+
+/// The provider of accounts that name none.
+pub fn default_provider() -> &'static dyn Provider {
+    &super::google::Google
+}
