@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use cmd::{ConfigDir, Running};
 use support::FakeGoogle;
+use xoauth2_proxy::oauth::device;
 
 const ALICE: &str = "alice@gmail.com";
 const WAIT: Duration = Duration::from_secs(30);
@@ -293,4 +294,105 @@ async fn login_without_an_oauth_client_says_how_to_make_one() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stderr.contains("Desktop app"), "{}", out.stderr);
     assert!(out.stderr.contains("Test users"), "{}", out.stderr);
+}
+
+/// The OAuth client the fake knows, as the config would give it.
+fn fake_client(google: &FakeGoogle) -> xoauth2_proxy::config::OAuthClient {
+    xoauth2_proxy::config::OAuthClient {
+        provider: xoauth2_proxy::oauth::provider::default_provider(),
+        client_id: support::CLIENT_ID.into(),
+        client_secret: Some(support::CLIENT_SECRET.into()),
+        auth_url: google.auth_url.clone(),
+        token_url: google.token_url.clone(),
+        scope: support::google::SCOPE.into(),
+    }
+}
+
+/// Run the device grant against the fake with `script` as its answers to the polls; returns
+/// the outcome and the waits asked for between polls.
+async fn device_grant(
+    script: &[&str],
+) -> (
+    Result<xoauth2_proxy::oauth::token_endpoint::Granted, device::DeviceError>,
+    Vec<u64>,
+    usize,
+) {
+    let google = FakeGoogle::start().await;
+    google.set_device_script(script);
+    let client = fake_client(&google);
+    let http = xoauth2_proxy::oauth::token_endpoint::http_client().unwrap();
+    let code = device::start(
+        &http,
+        &client,
+        &google.device_url(),
+        &[support::google::SCOPE],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code.user_code, "WDJB-MJHT");
+    assert_eq!(code.verification_uri, "https://example.com/device");
+    let waits = std::sync::Mutex::new(Vec::new());
+    let outcome = device::poll(&http, &client, &code, |d| {
+        waits.lock().unwrap().push(d.as_secs());
+        std::future::ready(())
+    })
+    .await;
+    let waits = waits.into_inner().unwrap();
+    (outcome, waits, google.device_polls())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_grant_polls_at_the_interval_and_five_seconds_slower_after_slow_down() {
+    let (outcome, waits, polls) = device_grant(&[
+        "authorization_pending",
+        "slow_down",
+        "authorization_pending",
+        "ok",
+    ])
+    .await;
+    let granted = outcome.unwrap();
+    assert!(granted.access_token.expose().starts_with("ya29."));
+    assert!(granted.refresh_token.is_some());
+    assert_eq!(waits, [5, 10, 10]);
+    assert_eq!(polls, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_grant_final_refusals_are_explained() {
+    for (answer, expect) in [
+        ("authorization_declined", "declined"),
+        ("access_denied", "declined"),
+        ("expired_token", "WDJB-MJHT expired"),
+        (
+            "bad_verification_code",
+            "does not recognise the device code",
+        ),
+        ("invalid_client", "Google Auth Platform > Clients"),
+    ] {
+        let (outcome, _, polls) = device_grant(&["authorization_pending", answer]).await;
+        let text = outcome.unwrap_err().to_string();
+        assert!(text.contains(expect), "{answer}: {text}");
+        assert_eq!(polls, 2, "{answer}: no poll after a final answer");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_grant_for_an_unknown_client_is_refused_before_any_poll() {
+    let google = FakeGoogle::start().await;
+    let mut client = fake_client(&google);
+    client.client_id = "someone-else".into();
+    let http = xoauth2_proxy::oauth::token_endpoint::http_client().unwrap();
+    let err = device::start(
+        &http,
+        &client,
+        &google.device_url(),
+        &[support::google::SCOPE],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, xoauth2_proxy::oauth::token_endpoint::GrantError::Client(t) if t.contains("invalid_client")),
+        "{err:?}"
+    );
+    assert_eq!(google.device_polls(), 0);
 }

@@ -5,6 +5,7 @@
 //! a temporary failure briefly, so a down endpoint is not hammered. Accounts with a service
 //! account key mint JWTs instead of using a refresh token.
 
+pub mod device;
 pub mod flow;
 pub mod google;
 pub mod provider;
