@@ -314,6 +314,23 @@ async fn absurd_token_lifetime_from_the_endpoint_is_clamped_and_logins_work() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_gives_up_during_a_refresh_does_not_wedge_the_account() {
+    let w = world().await;
+    w.google.set_delay(Duration::from_secs(2));
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(200), w.proxy.app.tokens.get(ALICE)).await;
+    assert!(gave_up.is_err(), "the refresh was still under way");
+    w.google.set_delay(Duration::ZERO);
+    let mut c = connect(&w).await;
+    c.send_line(&format!("a1 LOGIN {ALICE} {}", w.password))
+        .await;
+    let (tagged, _) = tokio::time::timeout(Duration::from_secs(10), c.read_imap_tagged("a1"))
+        .await
+        .expect("the login is answered");
+    assert!(tagged.starts_with("a1 OK"), "{tagged}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn upstream_unreachable_is_a_temporary_failure() {
     let google = FakeGoogle::start().await;
     let pki = TestPki::new();

@@ -499,7 +499,9 @@ impl AccountTokens {
     fn without_store(&self) -> Option<Next> {
         match &lock(&self.slot).state {
             State::Active(t) if t.is_fresh(SystemTime::now()) => Some(Next::Done(Ok(t.clone()))),
-            State::Pending { done, .. } => Some(Next::Wait(done.clone())),
+            State::Pending { done, .. } if done.has_changed().is_ok() => {
+                Some(Next::Wait(done.clone()))
+            }
             _ => None,
         }
     }
@@ -509,13 +511,16 @@ impl AccountTokens {
         let mut slot = lock(&self.slot);
         match &slot.state {
             State::Active(t) if t.is_fresh(SystemTime::now()) => return Next::Done(Ok(t.clone())),
-            State::Pending { done, .. } => return Next::Wait(done.clone()),
+            // A leader that vanished without restoring the state is replaced.
+            State::Pending { done, .. } if done.has_changed().is_ok() => {
+                return Next::Wait(done.clone())
+            }
             State::Failed { failure, .. } => {
                 if let Some(error) = failure.holds(refresh_token, Instant::now()) {
                     return Next::Done(Err(error.clone()));
                 }
             }
-            State::Empty | State::Active(_) => {}
+            State::Empty | State::Active(_) | State::Pending { .. } => {}
         }
         Next::Lead(self.take_off(&mut slot, flights))
     }
