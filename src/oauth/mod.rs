@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::accounts::Accounts;
 use crate::config::{Config, OAuthClient};
 use crate::secret::Secret;
+use provider::Provider;
 use service_account::ServiceAccount;
 use token_endpoint::{GrantError, Granted};
 
@@ -495,6 +496,14 @@ impl TokenManager {
 }
 
 impl AccountTokens {
+    /// Whose tokens these are (service accounts are Google's).
+    fn provider(&self) -> &'static dyn Provider {
+        match &self.source {
+            Source::RefreshToken(Ok(client)) => client.provider,
+            _ => provider::default_provider(),
+        }
+    }
+
     /// The decisions that need no look at the store: a fresh token, or a refresh to wait for.
     fn without_store(&self) -> Option<Next> {
         match &lock(&self.slot).state {
@@ -630,7 +639,7 @@ impl Shared {
             tracing::warn!(account = %email, error = %error, "token refresh failed");
             error
         })?;
-        check_scope(email, &granted, wanted_scope)?;
+        check_scope(email, &granted, wanted_scope, acct.provider().words().mail)?;
         self.save_rotated(email, &granted, &refresh_token)?;
         let token = Arc::new(AccessToken {
             token: granted.access_token,
@@ -865,13 +874,13 @@ impl AccountTokens {
 
 /// The grant must carry the mail scope, or logins would fail upstream with a token that
 /// refreshes fine.
-fn check_scope(email: &str, granted: &Granted, wanted: &str) -> Result<(), TokenError> {
+fn check_scope(email: &str, granted: &Granted, wanted: &str, mail: &str) -> Result<(), TokenError> {
     match &granted.scope {
         Some(scope) if !scope.split_whitespace().any(|s| s == wanted) => {
             let error = TokenError::Revoked {
                 email: email.to_string(),
                 detail: format!(
-                    "the authorization does not include {wanted} (granted: {scope}); authorize again and allow access to Gmail"
+                    "the authorization does not include {wanted} (granted: {scope}); authorize again and allow access to {mail}"
                 ),
             };
             tracing::warn!(account = %email, error = %error, "token refresh failed");

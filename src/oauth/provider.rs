@@ -64,3 +64,46 @@ pub fn by_name(id: &str) -> Option<&'static dyn Provider> {
 pub fn default_provider() -> &'static dyn Provider {
     &super::google::Google
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::login::Failure;
+
+    #[test]
+    fn client_replies_name_the_accounts_provider_and_mail_service() {
+        let other = Words {
+            provider: "Microsoft",
+            mail: "Outlook",
+        };
+        let never = Failure::NeverAuthorized {
+            email: "bob@contoso.com".into(),
+        };
+        assert!(never
+            .describe_for(&other)
+            .contains("not authorized with Microsoft yet"));
+        let down = Failure::Temporary {
+            detail: "timed out".into(),
+        };
+        assert!(down
+            .describe_for(&other)
+            .starts_with("Outlook cannot be reached"));
+        assert!(down.describe().starts_with("Gmail cannot be reached"));
+        assert_eq!(by_name("google").map(|p| p.id()), Some("google"));
+        assert!(by_name("microsoft").is_none());
+    }
+
+    #[test]
+    fn google_asks_one_scope_for_every_protocol_and_knows_gmail_hosts() {
+        let google = default_provider();
+        assert_eq!(google.login_scopes(), ["https://mail.google.com/"]);
+        assert_eq!(
+            google.default_upstream(Protocol::Smtp),
+            "smtp.gmail.com:465"
+        );
+        assert_eq!(
+            google.endpoints().token_url,
+            "https://oauth2.googleapis.com/token"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::accounts::LocalAuthError;
+use crate::oauth::provider::Words;
 use crate::oauth::{AccessToken, TokenError};
 use crate::protocol::Credentials;
 
@@ -42,30 +43,37 @@ impl From<TokenError> for Failure {
 }
 
 impl Failure {
-    /// What to tell a person about this failure, protocol-neutral.
+    /// What to tell a person about this failure, protocol-neutral, in the default provider's
+    /// words (the only provider today).
     pub fn describe(&self) -> String {
+        self.describe_for(crate::oauth::provider::default_provider().words())
+    }
+
+    /// What to tell a person, naming the account's provider and mail service.
+    pub fn describe_for(&self, words: &Words) -> String {
+        let Words { provider, mail } = words;
         match self {
             Failure::BadCredentials => {
                 "Invalid username or password (use the account's email and a local app password from `xoauth2-proxy password add`)".into()
             }
             Failure::NeverAuthorized { email } => format!(
-                "{email} is not authorized with Google yet; run `xoauth2-proxy login {email}` on the proxy host"
+                "{email} is not authorized with {provider} yet; run `xoauth2-proxy login {email}` on the proxy host"
             ),
             Failure::Revoked { email, .. } => format!(
-                "Google authorization for {email} has expired or was revoked; run `xoauth2-proxy login {email}` on the proxy host"
+                "{provider} authorization for {email} has expired or was revoked; run `xoauth2-proxy login {email}` on the proxy host"
             ),
             Failure::Misconfigured { email, detail } => {
                 format!("xoauth2-proxy cannot get a token for {email}: {detail}")
             }
             Failure::Temporary { detail } => {
-                format!("Gmail cannot be reached right now ({detail}); try again later")
+                format!("{mail} cannot be reached right now ({detail}); try again later")
             }
             Failure::TokenRejected { email, detail } => format!(
-                "Gmail rejected the OAuth token for {email} ({detail}); if this persists run `xoauth2-proxy login {email}`"
+                "{mail} rejected the OAuth token for {email} ({detail}); if this persists run `xoauth2-proxy login {email}`"
             ),
             Failure::UpstreamRefused { line } => line.clone(),
             Failure::TooManySessions { email, limit } => format!(
-                "{email} already has {limit} open sessions, Gmail's limit; close a mail client or wait"
+                "{email} already has {limit} open sessions, {mail}'s limit; close a mail client or wait"
             ),
         }
     }
