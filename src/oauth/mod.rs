@@ -761,21 +761,23 @@ impl Shared {
     }
 
     async fn refresh_ahead(&self, acct: Arc<AccountTokens>, seen: Arc<AccessToken>) {
+        let Ok(refresh_token) = self.refresh_token(&acct) else {
+            return;
+        };
         let flight = {
             let mut slot = lock(&acct.slot);
-            // A login refreshed (or dropped) it meanwhile, or one is refreshing now.
-            let still = match &slot.state {
+            // A login refreshed (or dropped) it meanwhile, one is refreshing now, or the last
+            // refusal still answers for this refresh token.
+            let due = match &slot.state {
                 State::Active(t) => Arc::ptr_eq(t, &seen),
-                State::Failed { last, .. } => last.as_ref().is_some_and(|t| Arc::ptr_eq(t, &seen)),
+                State::Failed { last, failure } => {
+                    last.as_ref().is_some_and(|t| Arc::ptr_eq(t, &seen))
+                        && failure.holds(&refresh_token, Instant::now()).is_none()
+                }
                 State::Empty | State::Pending { .. } => false,
             };
-            if !still {
+            if !due {
                 return;
-            }
-            if let State::Failed { failure, .. } = &slot.state {
-                if matches!(failure, Failed::Temporary { until, .. } if Instant::now() < *until) {
-                    return;
-                }
             }
             acct.take_off(&mut slot, &self.flights)
         };
