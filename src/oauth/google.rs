@@ -76,6 +76,12 @@ impl Provider for Google {
             _ => common_refusal(r),
         }
     }
+
+    fn revoked_hint(&self, obtained_at: i64, now: i64) -> Option<&'static str> {
+        crate::accounts::looks_like_testing_expiry(obtained_at, now).then_some(
+            "it was issued about 7 days ago, which is when Google ends grants of apps in Testing: publish the app (Google Auth Platform > Audience > Publish app) so new grants last",
+        )
+    }
 }
 
 /// What the refresh grant's refusals mean and what to do about them.
@@ -111,5 +117,20 @@ pub fn common_refusal(r: &Refusal) -> GrantError {
         other => GrantError::Client(format!(
             "token endpoint refused the request: {other}{description}"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_week_old_refresh_token_is_explained_as_the_testing_limit() {
+        let day = 24 * 3600;
+        let now = 1_767_225_600;
+        let hint = Google.revoked_hint(now - 7 * day, now).unwrap();
+        assert!(hint.contains("apps in Testing"), "{hint}");
+        assert_eq!(Google.revoked_hint(now - day, now), None);
+        assert_eq!(Google.revoked_hint(now - 30 * day, now), None);
     }
 }

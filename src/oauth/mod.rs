@@ -631,7 +631,7 @@ impl Shared {
         let granted = granted.map_err(|e| {
             let e = match e {
                 GrantError::Revoked(detail) => {
-                    GrantError::Revoked(format!("{detail}{}", self.testing_limit_hint(&acct.key)))
+                    GrantError::Revoked(format!("{detail}{}", self.revoked_hint(acct)))
                 }
                 other => other,
             };
@@ -721,19 +721,19 @@ impl Shared {
         })
     }
 
-    /// For a refused refresh token about a week old: say it is probably Google's Testing limit.
-    fn testing_limit_hint(&self, key: &str) -> String {
-        let obtained = self
-            .accounts
-            .current()
-            .ok()
-            .and_then(|d| d.account(key).and_then(|a| a.refresh_token_obtained_at));
-        match obtained {
-            Some(at) if crate::accounts::looks_like_testing_expiry(at, crate::accounts::now_unix()) => {
-                "; it was issued about 7 days ago, which is when Google ends grants of apps in Testing: publish the app (Google Auth Platform > Audience > Publish app) so new grants last".into()
-            }
-            _ => String::new(),
-        }
+    /// What the provider can tell about why a refresh token of this age was refused.
+    fn revoked_hint(&self, acct: &AccountTokens) -> String {
+        let obtained = self.accounts.current().ok().and_then(|d| {
+            d.account(&acct.key)
+                .and_then(|a| a.refresh_token_obtained_at)
+        });
+        obtained
+            .and_then(|at| {
+                acct.provider()
+                    .revoked_hint(at, crate::accounts::now_unix())
+            })
+            .map(|hint| format!("; {hint}"))
+            .unwrap_or_default()
     }
 
     /// One look at every account: start the background refreshes that are due, warn about old

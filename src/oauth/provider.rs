@@ -50,6 +50,11 @@ pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
     fn refresh_refusal(&self, r: &Refusal) -> GrantError;
     /// What a refusal of an authorization code means, with the fix.
     fn code_refusal(&self, r: &Refusal, redirect_uri: &str) -> GrantError;
+    /// A likely reason a refresh token issued at `obtained_at` (unix seconds) was refused.
+    fn revoked_hint(&self, obtained_at: i64, now: i64) -> Option<&'static str> {
+        let _ = (obtained_at, now);
+        None
+    }
 }
 
 /// The provider a config section names.
