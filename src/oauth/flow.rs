@@ -39,11 +39,7 @@ impl Pkce {
     }
 
     pub fn from_verifier(verifier: Secret) -> Pkce {
-        let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
-            verifier.expose().to_string(),
-        ))
-        .as_str()
-        .to_string();
+        let challenge = s256(&verifier).as_str().to_string();
         Pkce {
             verifier,
             challenge,
@@ -53,6 +49,12 @@ impl Pkce {
     pub fn verifier(&self) -> &Secret {
         &self.verifier
     }
+}
+
+fn s256(verifier: &Secret) -> PkceCodeChallenge {
+    PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
+        verifier.expose().to_string(),
+    ))
 }
 
 impl Default for Pkce {
@@ -85,9 +87,7 @@ impl Attempt {
     /// The address the user opens: Google's consent screen for this attempt.
     pub fn authorization_url(&self) -> Result<String, String> {
         let oauth = self.oauth2_client()?;
-        let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
-            self.pkce.verifier().expose().to_string(),
-        ));
+        let challenge = s256(self.pkce.verifier());
         let state = self.state.clone();
         let mut request = oauth
             .authorize_url(move || CsrfToken::new(state))
