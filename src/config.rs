@@ -10,11 +10,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::account::AccountKey;
+pub use crate::protocol::Protocol;
+use crate::provider::{self, google, Provider};
 use crate::secret::Secret;
 
-pub const GOOGLE_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
-pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
+pub const GOOGLE_AUTH_URL: &str = google::AUTH_URL;
+pub const GOOGLE_TOKEN_URL: &str = google::TOKEN_URL;
+pub const GMAIL_SCOPE: &str = google::GMAIL_SCOPE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -29,32 +31,6 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("no config file given: pass -c FILE, set XOAUTH2_PROXY_CONFIG, or create {0}")]
     NoDefault(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Imap,
-    Smtp,
-    Pop3,
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Imap => "imap",
-            Protocol::Smtp => "smtp",
-            Protocol::Pop3 => "pop3",
-        }
-    }
-
-    pub fn default_upstream(self) -> &'static str {
-        match self {
-            Protocol::Imap => "imap.gmail.com:993",
-            Protocol::Smtp => "smtp.gmail.com:465",
-            Protocol::Pop3 => "pop.gmail.com:995",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -389,6 +365,7 @@ impl Config {
             .clone()
             .or_else(|| self.google.client_secret.clone());
         Ok(OAuthClient {
+            provider: &google::Google,
             client_id,
             client_secret,
             auth_url: self.google.auth_url.clone(),
@@ -401,6 +378,8 @@ impl Config {
 /// Everything needed to talk to the token endpoint for one account.
 #[derive(Debug, Clone)]
 pub struct OAuthClient {
+    /// Whose endpoints these are: it gives refusals their meaning.
+    pub provider: &'static dyn Provider,
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub auth_url: String,
@@ -475,10 +454,11 @@ fn listeners(
                     "{which}: local_tls = \"none\" on a non-loopback address would send passwords in clear; use local_tls = \"starttls\" or \"implicit\", or set allow_plaintext_remote = true"
                 )));
         }
-        let upstream = l
-            .upstream
-            .clone()
-            .unwrap_or_else(|| l.protocol.default_upstream().to_string());
+        let upstream = l.upstream.clone().unwrap_or_else(|| {
+            provider::default_provider()
+                .default_upstream(l.protocol)
+                .to_string()
+        });
         let (host, port) = split_host_port(&upstream).ok_or_else(|| {
             cx.invalid(format!(
                 "{which}: upstream must be HOST:PORT, got {upstream:?}"

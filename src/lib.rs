@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 pub mod oauth;
 pub mod protocol;
+pub mod provider;
 pub mod proxy;
 pub mod registry;
 pub mod report;

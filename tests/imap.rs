@@ -266,6 +266,82 @@ async fn token_endpoint_down_is_a_temporary_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn never_authorized_account_is_told_to_run_login_and_google_is_not_asked() {
+    let w = world().await;
+    let carol = "carol@gmail.com";
+    let pw = w.proxy.add_password(carol, "phone");
+    let mut c = connect(&w).await;
+    c.send_line(&format!("a1 LOGIN {carol} {pw}")).await;
+    let line = c.read_line().await;
+    assert!(line.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{line}");
+    assert!(line.contains("is not authorized with Google yet"), "{line}");
+    assert!(
+        line.contains(&format!("xoauth2-proxy login {carol}")),
+        "{line}"
+    );
+    assert_eq!(w.google.token_requests(), 0);
+    assert_eq!(w.imap.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_endpoint_redirect_is_not_followed_and_is_reported_as_a_setup_problem() {
+    let w = world().await;
+    let elsewhere = FakeGoogle::start().await;
+    w.google.set_token_redirect(Some(&elsewhere.token_url));
+    let mut c = connect(&w).await;
+    c.send_line(&format!("a1 LOGIN {ALICE} {}", w.password))
+        .await;
+    let line = c.read_line().await;
+    assert!(line.starts_with("a1 NO [CONTACTADMIN]"), "{line}");
+    assert!(line.contains("redirect"), "{line}");
+    assert!(line.contains("token_url"), "{line}");
+    assert_eq!(w.google.token_requests(), 1);
+    assert_eq!(
+        elsewhere.token_requests(),
+        0,
+        "the secrets were not re-sent to the redirect target"
+    );
+    assert_eq!(w.imap.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absurd_token_lifetime_from_the_endpoint_is_clamped_and_logins_work() {
+    let w = world().await;
+    w.google.set_expires_in(u64::MAX);
+    for tag in ["a1", "a2"] {
+        let mut c = connect(&w).await;
+        c.send_line(&format!("{tag} LOGIN {ALICE} {}", w.password))
+            .await;
+        let (tagged, _) = c.read_imap_tagged(tag).await;
+        assert!(tagged.starts_with(&format!("{tag} OK")), "{tagged}");
+    }
+    assert_eq!(w.google.token_requests(), 1, "the clamped token is reused");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_gives_up_during_a_refresh_does_not_wedge_the_account() {
+    let w = world().await;
+    w.google.set_delay(Duration::from_secs(2));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        w.proxy
+            .app
+            .tokens
+            .get(&xoauth2_proxy::account::AccountKey::new(ALICE)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the refresh was still under way");
+    w.google.set_delay(Duration::ZERO);
+    let mut c = connect(&w).await;
+    c.send_line(&format!("a1 LOGIN {ALICE} {}", w.password))
+        .await;
+    let (tagged, _) = tokio::time::timeout(Duration::from_secs(10), c.read_imap_tagged("a1"))
+        .await
+        .expect("the login is answered");
+    assert!(tagged.starts_with("a1 OK"), "{tagged}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn upstream_unreachable_is_a_temporary_failure() {
     let google = FakeGoogle::start().await;
     let pki = TestPki::new();

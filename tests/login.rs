@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use cmd::{ConfigDir, Running};
 use support::FakeGoogle;
+use xoauth2_proxy::oauth::device;
 
 const ALICE: &str = "alice@gmail.com";
 const WAIT: Duration = Duration::from_secs(30);
@@ -162,7 +163,8 @@ async fn headless_login_accepts_just_the_code() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn redirect_carrying_another_state_is_refused_and_nothing_is_stored() {
+async fn redirect_carrying_another_state_gets_an_error_page_and_the_login_waits_for_the_right_one()
+{
     let google = FakeGoogle::start().await;
     let cfg = ConfigDir::new(&google, REST);
     let mut login = start_login(&cfg, &["--no-browser"], &[]);
@@ -171,13 +173,73 @@ async fn redirect_carrying_another_state_is_refused_and_nothing_is_stored() {
     let state = query(&target)["state"].clone();
     let forged = target.replace(&format!("state={state}"), "state=someone-elses");
     assert_ne!(forged, target);
-    let page = cmd::open(&forged).await;
-    assert_eq!(page.status().as_u16(), 400);
+    for _ in 0..3 {
+        let page = cmd::open(&forged).await;
+        assert_eq!(page.status().as_u16(), 400);
+        assert!(page.text().await.unwrap().contains("still waiting"));
+    }
+    assert_eq!(
+        google.token_requests(),
+        0,
+        "a forged code is never exchanged"
+    );
+    let page = cmd::open(&target).await;
+    assert_eq!(page.status().as_u16(), 200);
     let out = login.finish(WAIT).await;
-    assert!(!out.ok());
-    assert!(out.stderr.contains("different state"), "{}", out.stderr);
-    assert_eq!(cfg.refresh_token(ALICE), None);
-    assert_eq!(google.token_requests(), 0, "the code was never exchanged");
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(
+        cfg.refresh_token(ALICE).as_deref(),
+        Some(google.issued_refresh_tokens()[0].1.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_past_the_cap_are_closed_and_the_login_still_completes() {
+    use tokio::io::AsyncReadExt;
+    let google = FakeGoogle::start().await;
+    let cfg = ConfigDir::new(&google, REST);
+    let mut login = start_login(&cfg, &["--no-browser"], &[]);
+    let url = printed_url(&google, &mut login).await;
+    let target = redirect_target(&url).await;
+    let listener = url::Url::parse(&target).unwrap();
+    let addr = format!("127.0.0.1:{}", listener.port().unwrap());
+    // Connections that send nothing, as a local process would open to tie the listener up.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // Generous bound: a refused connection is closed at once, a held one stays open for
+    // the listener's 10 s read limit.
+    let reads = idle.iter_mut().map(|tcp| async move {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut byte)).await,
+            Ok(Ok(0))
+        )
+    });
+    let closed = futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    assert_eq!(closed, 20 - 8, "eight held, the rest closed unread");
+    drop(idle);
+    // The listener frees their places as it notices them closed: the browser retries.
+    let mut page = None;
+    for _ in 0..50 {
+        if let Ok(p) = cmd::browser(true).get(&target).send().await {
+            page = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        page.expect("the listener answers again").status().as_u16(),
+        200
+    );
+    let out = login.finish(WAIT).await;
+    assert!(out.ok(), "{out:?}");
+    assert!(cfg.refresh_token(ALICE).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,4 +305,105 @@ async fn login_without_an_oauth_client_says_how_to_make_one() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stderr.contains("Desktop app"), "{}", out.stderr);
     assert!(out.stderr.contains("Test users"), "{}", out.stderr);
+}
+
+/// The OAuth client the fake knows, as the config would give it.
+fn fake_client(google: &FakeGoogle) -> xoauth2_proxy::config::OAuthClient {
+    xoauth2_proxy::config::OAuthClient {
+        provider: xoauth2_proxy::provider::default_provider(),
+        client_id: support::CLIENT_ID.into(),
+        client_secret: Some(support::CLIENT_SECRET.into()),
+        auth_url: google.auth_url.clone(),
+        token_url: google.token_url.clone(),
+        scope: support::google::SCOPE.into(),
+    }
+}
+
+/// Run the device grant against the fake with `script` as its answers to the polls; returns
+/// the outcome and the waits asked for between polls.
+async fn device_grant(
+    script: &[&str],
+) -> (
+    Result<xoauth2_proxy::oauth::token_endpoint::Granted, device::DeviceError>,
+    Vec<u64>,
+    usize,
+) {
+    let google = FakeGoogle::start().await;
+    google.set_device_script(script);
+    let client = fake_client(&google);
+    let http = xoauth2_proxy::oauth::token_endpoint::http_client().unwrap();
+    let code = device::start(
+        &http,
+        &client,
+        &google.device_url(),
+        &[support::google::SCOPE],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code.user_code, "WDJB-MJHT");
+    assert_eq!(code.verification_uri, "https://example.com/device");
+    let waits = std::sync::Mutex::new(Vec::new());
+    let outcome = device::poll(&http, &client, &code, |d| {
+        waits.lock().unwrap().push(d.as_secs());
+        std::future::ready(())
+    })
+    .await;
+    let waits = waits.into_inner().unwrap();
+    (outcome, waits, google.device_polls())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_grant_polls_at_the_interval_and_five_seconds_slower_after_slow_down() {
+    let (outcome, waits, polls) = device_grant(&[
+        "authorization_pending",
+        "slow_down",
+        "authorization_pending",
+        "ok",
+    ])
+    .await;
+    let granted = outcome.unwrap();
+    assert!(granted.access_token.expose().starts_with("ya29."));
+    assert!(granted.refresh_token.is_some());
+    assert_eq!(waits, [5, 10, 10]);
+    assert_eq!(polls, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_grant_final_refusals_are_explained() {
+    for (answer, expect) in [
+        ("authorization_declined", "declined"),
+        ("access_denied", "declined"),
+        ("expired_token", "WDJB-MJHT expired"),
+        (
+            "bad_verification_code",
+            "does not recognise the device code",
+        ),
+        ("invalid_client", "Google Auth Platform > Clients"),
+    ] {
+        let (outcome, _, polls) = device_grant(&["authorization_pending", answer]).await;
+        let text = outcome.unwrap_err().to_string();
+        assert!(text.contains(expect), "{answer}: {text}");
+        assert_eq!(polls, 2, "{answer}: no poll after a final answer");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_grant_for_an_unknown_client_is_refused_before_any_poll() {
+    let google = FakeGoogle::start().await;
+    let mut client = fake_client(&google);
+    client.client_id = "someone-else".into();
+    let http = xoauth2_proxy::oauth::token_endpoint::http_client().unwrap();
+    let err = device::start(
+        &http,
+        &client,
+        &google.device_url(),
+        &[support::google::SCOPE],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, xoauth2_proxy::oauth::token_endpoint::GrantError::Client(t) if t.contains("invalid_client")),
+        "{err:?}"
+    );
+    assert_eq!(google.device_polls(), 0);
 }

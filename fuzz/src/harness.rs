@@ -8,8 +8,15 @@ use std::fmt::Debug;
 
 use xoauth2_proxy::protocol::{
     imap, pop3, smtp, ClientAction, ClientSession, Failure, UpAction, UpOutcome, UpstreamMachine,
+    Words,
 };
 use xoauth2_proxy::secret::Secret;
+
+/// How failures are worded in the fuzzed replies (any provider's words would do).
+const WORDS: Words = Words {
+    provider: "Google",
+    mail: "Gmail",
+};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation meter
@@ -216,7 +223,7 @@ pub fn drive_client<S: Client>(mut s: S, chunks: &[&[u8]], choices: u8) -> Vec<E
                         events.push(Event::Pending(s.into_pending_input()));
                         return events;
                     }
-                    s.login_failed(&Failure::BadCredentials);
+                    s.login_failed(&Failure::BadCredentials, &WORDS);
                 }
                 ClientAction::Send(_) => {}
             }
@@ -296,8 +303,8 @@ impl ClientSession for Imap {
     fn tls_established(&mut self) {
         self.session.tls_established()
     }
-    fn login_failed(&mut self, failure: &Failure) {
-        self.session.login_failed(failure)
+    fn login_failed(&mut self, failure: &Failure, words: &Words) {
+        self.session.login_failed(failure, words)
     }
     fn into_pending_input(self) -> Vec<u8> {
         self.session.into_pending_input()

@@ -1,21 +1,29 @@
 //! `login`: Google's installed-app flow. Authorization code + PKCE (S256) with a random `state`,
 //! redirected to a loopback listener on 127.0.0.1 (RFC 8252); a user without a browser on this
 //! machine pastes the address the browser ended at instead. Then the code exchange, the checks
-//! (refresh token present, Gmail scope granted) and one refresh to prove the grant works.
+//! (refresh token present, Gmail scope granted) and one refresh to prove the grant works. The
+//! oauth2 crate builds the authorization URL and the token requests.
 
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
+use std::sync::Arc;
+
+use oauth2::{
+    AuthorizationCode, CsrfToken, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+};
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
-use super::google::{self, GrantError, Granted, Refusal};
+use super::token_endpoint::{self, GrantError, Granted, Sender};
 use crate::config::OAuthClient;
+use crate::provider::google::CONSOLE_CLIENT;
 use crate::secret::Secret;
+
+/// Browser requests answered at once; more connections are closed unread, so a local process
+/// cannot tie up the listener (the redirect comes on one connection, a browser opens a few).
+const MAX_BROWSER_CONNECTIONS: usize = 8;
 
 /// RFC 7636 PKCE: a random verifier and its S256 challenge.
 pub struct Pkce {
@@ -25,18 +33,13 @@ pub struct Pkce {
 
 impl Pkce {
     pub fn new() -> Pkce {
-        // 64 characters from the unreserved set (RFC 7636 §4.1 allows 43–128).
-        const UNRESERVED: &[u8] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~";
-        let mut rng = rand::rngs::OsRng;
-        let verifier: String = (0..64)
-            .map(|_| UNRESERVED[rng.gen_range(0..UNRESERVED.len())] as char)
-            .collect();
-        Pkce::from_verifier(Secret::new(verifier))
+        // 48 random bytes: a 64-character verifier (RFC 7636 §4.1 allows 43–128).
+        let (_, verifier) = PkceCodeChallenge::new_random_sha256_len(48);
+        Pkce::from_verifier(Secret::new(verifier.into_secret()))
     }
 
     pub fn from_verifier(verifier: Secret) -> Pkce {
-        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.expose().as_bytes()));
+        let challenge = s256(&verifier).as_str().to_string();
         Pkce {
             verifier,
             challenge,
@@ -46,6 +49,12 @@ impl Pkce {
     pub fn verifier(&self) -> &Secret {
         &self.verifier
     }
+}
+
+fn s256(verifier: &Secret) -> PkceCodeChallenge {
+    PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
+        verifier.expose().to_string(),
+    ))
 }
 
 impl Default for Pkce {
@@ -77,20 +86,24 @@ impl Attempt {
 
     /// The address the user opens: Google's consent screen for this attempt.
     pub fn authorization_url(&self) -> Result<String, String> {
-        let mut url = url::Url::parse(&self.client.auth_url)
-            .map_err(|e| format!("auth_url {:?} is not a URL: {e}", self.client.auth_url))?;
-        url.query_pairs_mut()
-            .append_pair("client_id", &self.client.client_id)
-            .append_pair("redirect_uri", &self.redirect_uri)
-            .append_pair("response_type", "code")
-            .append_pair("scope", &self.client.scope)
-            .append_pair("code_challenge", &self.pkce.challenge)
-            .append_pair("code_challenge_method", "S256")
-            .append_pair("state", &self.state)
-            .append_pair("login_hint", &self.email)
-            .append_pair("access_type", "offline")
-            .append_pair("prompt", "consent");
-        Ok(url.into())
+        let oauth = self.oauth2_client()?;
+        let challenge = s256(self.pkce.verifier());
+        let state = self.state.clone();
+        let mut request = oauth
+            .authorize_url(move || CsrfToken::new(state))
+            .add_scope(Scope::new(self.client.scope.clone()))
+            .set_pkce_challenge(challenge)
+            .add_extra_param("login_hint", &self.email);
+        for (name, value) in self.client.provider.authorization_params() {
+            request = request.add_extra_param(*name, *value);
+        }
+        Ok(request.url().0.into())
+    }
+
+    fn oauth2_client(&self) -> Result<token_endpoint::Oauth2Client, String> {
+        let redirect = RedirectUrl::new(self.redirect_uri.clone())
+            .map_err(|e| format!("redirect address {:?}: {e}", self.redirect_uri))?;
+        Ok(token_endpoint::oauth2_client(&self.client)?.set_redirect_uri(redirect))
     }
 
     fn error(&self, kind: ErrorKind) -> LoginError {
@@ -158,8 +171,6 @@ pub enum ErrorKind {
     /// The new refresh token did not work on first use.
     Verify(GrantError),
 }
-
-const CONSOLE_CLIENT: &str = "in Google Cloud console open Google Auth Platform > Clients > Create client, choose Application type \"Desktop app\", and put its client_id and client_secret in [providers.google]";
 
 impl std::fmt::Display for LoginError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,7 +260,7 @@ pub async fn complete(
     notice: &(dyn Fn(&str) + Sync),
 ) -> Result<Authorized, LoginError> {
     let code = wait_for_code(attempt, listener, pasted, timeout, notice).await?;
-    let http = google::http_client().map_err(|e| {
+    let http = token_endpoint::http_client().map_err(|e| {
         attempt.error(ErrorKind::Exchange(GrantError::Temporary {
             detail: e,
             retry_after: None,
@@ -260,9 +271,12 @@ pub async fn complete(
         return Err(attempt.error(ErrorKind::NoRefreshToken));
     };
     check_scope(attempt, &granted)?;
-    let verified = google::refresh(&http, &attempt.client, &refresh_token)
-        .await
-        .map_err(|e| attempt.error(ErrorKind::Verify(e)))?;
+    let provider = attempt.client.provider;
+    let verified = token_endpoint::refresh(&http, &attempt.client, &refresh_token, |r| {
+        provider.refresh_refusal(r)
+    })
+    .await
+    .map_err(|e| attempt.error(ErrorKind::Verify(e)))?;
     check_scope(attempt, &verified)?;
     Ok(Authorized {
         // Should the verifying refresh rotate the token, the new one is the one that lives.
@@ -291,38 +305,22 @@ async fn exchange(
     attempt: &Attempt,
     code: &Secret,
 ) -> Result<Granted, LoginError> {
-    let client = &attempt.client;
-    let mut form: Vec<(&str, &str)> = vec![
-        ("grant_type", "authorization_code"),
-        ("code", code.expose()),
-        ("redirect_uri", &attempt.redirect_uri),
-        ("client_id", &client.client_id),
-        ("code_verifier", attempt.pkce.verifier().expose()),
-    ];
-    if let Some(s) = &client.client_secret {
-        form.push(("client_secret", s.expose()));
-    }
-    google::token_request(http, &client.token_url, &form)
-        .await
-        .map_err(|e| e.into_grant_error(|r| code_refusal(r, &attempt.redirect_uri)))
+    let oauth = attempt
+        .oauth2_client()
+        .map_err(|e| attempt.error(ErrorKind::Exchange(GrantError::Client(e))))?;
+    let sender = Sender::new(http);
+    let sent = oauth
+        .exchange_code(AuthorizationCode::new(code.expose().to_string()))
+        .set_pkce_verifier(PkceCodeVerifier::new(
+            attempt.pkce.verifier().expose().to_string(),
+        ))
+        .request_async(&sender)
+        .await;
+    let provider = attempt.client.provider;
+    sender
+        .outcome(sent)
+        .map_err(|e| e.into_grant_error(|r| provider.code_refusal(r, &attempt.redirect_uri)))
         .map_err(|e| attempt.error(ErrorKind::Exchange(e)))
-}
-
-fn code_refusal(r: &Refusal, redirect_uri: &str) -> GrantError {
-    let description = r.description_suffix();
-    match r.code.as_str() {
-        "invalid_grant" => GrantError::Revoked(format!(
-            "invalid_grant{description}: the code expired (codes live a few minutes), was already used, or the PKCE check failed; run login again and finish it within a few minutes"
-        )),
-        "redirect_uri_mismatch" => GrantError::Client(format!(
-            "redirect_uri_mismatch{description}: Google does not accept {redirect_uri} for this client, which means it is not a Desktop app client; {CONSOLE_CLIENT}"
-        )),
-        "invalid_client" | "unauthorized_client" => GrantError::Client(format!(
-            "{}{description}: client_id or client_secret is wrong, or the client was deleted; {CONSOLE_CLIENT}",
-            r.code
-        )),
-        _ => google::common_refusal(r),
-    }
 }
 
 /// What a redirect's query parameters decide, if anything.
@@ -410,12 +408,16 @@ async fn wait_for_code(
     notice: &(dyn Fn(&str) + Sync),
 ) -> Result<Secret, LoginError> {
     let (tx, mut from_browser) = mpsc::channel::<Result<Secret, LoginError>>(4);
-    let judge = std::sync::Arc::new(attempt.judge());
+    let judge = Arc::new(attempt.judge());
+    let room = Arc::new(Semaphore::new(MAX_BROWSER_CONNECTIONS));
     let accepting = AbortOnDrop(tokio::spawn(async move {
         // Each browser request gets its own task, so a stalled one does not block the next.
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(permit) = room.clone().try_acquire_owned() else {
                 continue;
             };
             let tx = tx.clone();
@@ -424,6 +426,7 @@ async fn wait_for_code(
                 if let Some(decided) = answer_browser(tcp, &judge).await {
                     let _ = tx.send(decided).await;
                 }
+                drop(permit);
             });
         }
     }));
@@ -457,6 +460,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// Read one request from the browser, answer it with a small page, and return what it decided.
+/// A request with another attempt's `state` (stale or forged) gets an error page and decides
+/// nothing: the right redirect may still come.
 async fn answer_browser(mut tcp: TcpStream, attempt: &Judge) -> Option<Result<Secret, LoginError>> {
     let mut buf = Vec::with_capacity(2048);
     let read = tokio::time::timeout(Duration::from_secs(10), async {
@@ -485,22 +490,9 @@ async fn answer_browser(mut tcp: TcpStream, attempt: &Judge) -> Option<Result<Se
         _ => Vec::new(),
     };
     let decided = evaluate(attempt, &params);
-    let (status, title, text) = match &decided {
-        None => (
-            "404 Not Found",
-            "xoauth2-proxy",
-            "This address is xoauth2-proxy's login listener; it waits for Google to send the browser back here.".to_string(),
-        ),
-        Some(Ok(_)) => (
-            "200 OK",
-            "Authorization received",
-            format!(
-                "xoauth2-proxy received the authorization for {}. You can close this tab; the terminal shows how it ends.",
-                attempt.email
-            ),
-        ),
-        Some(Err(e)) => ("400 Bad Request", "Authorization failed", e.to_string()),
-    };
+    let (status, title, text) = page(&decided, attempt);
+    let decided =
+        decided.filter(|d| !matches!(d, Err(e) if matches!(e.kind, ErrorKind::StateMismatch)));
     let body = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body><h1>{title}</h1><p>{}</p></body></html>",
         html_escape(&text)
@@ -515,6 +507,34 @@ async fn answer_browser(mut tcp: TcpStream, attempt: &Judge) -> Option<Result<Se
     })
     .await;
     decided
+}
+
+/// The page a browser request gets: status, title and text.
+fn page(
+    decided: &Option<Result<Secret, LoginError>>,
+    attempt: &Judge,
+) -> (&'static str, &'static str, String) {
+    match decided {
+        None => (
+            "404 Not Found",
+            "xoauth2-proxy",
+            "This address is xoauth2-proxy's login listener; it waits for Google to send the browser back here.".to_string(),
+        ),
+        Some(Ok(_)) => (
+            "200 OK",
+            "Authorization received",
+            format!(
+                "xoauth2-proxy received the authorization for {}. You can close this tab; the terminal shows how it ends.",
+                attempt.email
+            ),
+        ),
+        Some(Err(e)) if matches!(e.kind, ErrorKind::StateMismatch) => (
+            "400 Bad Request",
+            "Not this login's address",
+            "This address carries another login attempt's state: it is an older attempt's, or forged, and nothing was done with it. The login in the terminal is still waiting: use the newest address it printed.".to_string(),
+        ),
+        Some(Err(e)) => ("400 Bad Request", "Authorization failed", e.to_string()),
+    }
 }
 
 fn html_escape(s: &str) -> String {
@@ -540,6 +560,7 @@ mod tests {
         Attempt::new(
             "alice@gmail.com",
             OAuthClient {
+                provider: &crate::provider::google::Google,
                 client_id: "id.apps.googleusercontent.com".into(),
                 client_secret: Some("s".into()),
                 auth_url: "https://accounts.google.com/o/oauth2/v2/auth".into(),
@@ -648,8 +669,9 @@ mod tests {
         }
         let text = a.error(ErrorKind::NoRefreshToken).to_string();
         assert!(text.contains("myaccount.google.com/permissions"), "{text}");
-        let text = code_refusal(
-            &Refusal {
+        let text = crate::provider::Provider::code_refusal(
+            &crate::provider::google::Google,
+            &super::super::token_endpoint::Refusal {
                 status: 400,
                 code: "redirect_uri_mismatch".into(),
                 description: None,

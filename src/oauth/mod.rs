@@ -1,13 +1,15 @@
-//! The token manager: per account, a cached access token with its wall-clock expiry, refreshed
-//! ahead of expiry with single-flight (concurrent logins share one token request), and kept
-//! fresh in the background for accounts in use. A dead grant is remembered as permanent until
-//! the store holds a different refresh token; temporary failures are remembered briefly so a
-//! down endpoint is not hammered. Accounts with a service account key mint JWTs instead.
+//! The token manager: per account one `State` (Empty, Pending, Active, Failed) under one lock,
+//! with explicit transitions. A login that finds no fresh token leads a single refresh that
+//! every concurrent login waits for; accounts in use are refreshed ahead of expiry in the
+//! background. A dead grant stays `Failed` until the store holds a different refresh token;
+//! a temporary failure briefly, so a down endpoint is not hammered. Accounts with a service
+//! account key mint JWTs instead of using a refresh token.
 
+pub mod device;
 pub mod flow;
-pub mod google;
 pub mod service_account;
 pub mod status;
+pub mod token_endpoint;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,15 +17,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::account::AccountKey;
 use crate::clock::now_unix;
 use crate::config::{Config, OAuthClient};
+use crate::provider::{self, Provider};
 use crate::registry::{grant, Registry};
 use crate::secret::Secret;
-use google::GrantError;
 use service_account::ServiceAccount;
+use token_endpoint::{GrantError, Granted};
 
 /// A usable access token.
 #[derive(Debug)]
@@ -63,53 +67,221 @@ impl AccessToken {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenError {
-    /// No usable authorization: never authorized, or the refresh token is dead.
-    NotAuthorized { email: String, detail: String },
-    /// The OAuth client setup is wrong; the admin must fix config or console.
+    /// No refresh token in the store: `login` was never run for this account.
+    NeverAuthorized { email: String },
+    /// The grant is dead (revoked, expired, or without the mail scope): authorize again.
+    Revoked { email: String, detail: String },
+    /// The OAuth client or account setup is wrong; the admin must fix config or console.
     Misconfigured { email: String, detail: String },
-    /// Try again later.
-    Temporary { email: String, detail: String },
+    /// Try again later, not before `retry_after` when the endpoint said so.
+    Temporary {
+        email: String,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 impl std::fmt::Display for TokenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TokenError::NotAuthorized { email, detail }
-            | TokenError::Misconfigured { email, detail }
-            | TokenError::Temporary { email, detail } => write!(f, "{email}: {detail}"),
-        }
+        write!(f, "{}: {}", self.email(), self.detail())
     }
 }
 
 impl TokenError {
+    pub fn email(&self) -> &str {
+        match self {
+            TokenError::NeverAuthorized { email }
+            | TokenError::Revoked { email, .. }
+            | TokenError::Misconfigured { email, .. }
+            | TokenError::Temporary { email, .. } => email,
+        }
+    }
+
+    /// What went wrong, without the account.
+    pub fn detail(&self) -> &str {
+        match self {
+            TokenError::NeverAuthorized { .. } => "not authorized yet",
+            TokenError::Revoked { detail, .. }
+            | TokenError::Misconfigured { detail, .. }
+            | TokenError::Temporary { detail, .. } => detail,
+        }
+    }
+
     /// The error with what a person should do about it, for the command line.
     pub fn with_advice(&self) -> String {
+        let detail = self.detail();
         match self {
-            TokenError::NotAuthorized { email, detail } => {
+            TokenError::NeverAuthorized { email } | TokenError::Revoked { email, .. } => {
                 format!("{detail}; run `xoauth2-proxy login {email}`")
             }
-            TokenError::Misconfigured { detail, .. } => detail.clone(),
-            TokenError::Temporary { detail, .. } => {
+            TokenError::Misconfigured { .. } => detail.to_string(),
+            TokenError::Temporary { .. } => {
                 format!("{detail}; check the network or try again later")
             }
         }
     }
+
+    fn from_grant(email: &str, e: GrantError) -> TokenError {
+        let email = email.to_string();
+        match e {
+            GrantError::Revoked(detail) => TokenError::Revoked { email, detail },
+            GrantError::Client(detail) => TokenError::Misconfigured { email, detail },
+            GrantError::Temporary {
+                detail,
+                retry_after,
+            } => TokenError::Temporary {
+                email,
+                detail,
+                retry_after,
+            },
+        }
+    }
 }
 
+/// One account's token state. Transitions: a caller that finds no fresh token moves it to
+/// `Pending` and refreshes (every other caller waits for that one outcome); the outcome moves
+/// it to `Active` or `Failed`; an upstream rejecting the token moves `Active` to `Empty`.
+enum State {
+    Empty,
+    /// A refresh is under way; `previous` is restored should its caller give up midway.
+    Pending {
+        flight: u64,
+        done: watch::Receiver<Option<Outcome>>,
+        previous: Box<State>,
+    },
+    Active(Arc<AccessToken>),
+    Failed {
+        failure: Failed,
+        /// The last token obtained, for the status and the background schedule.
+        last: Option<Arc<AccessToken>>,
+    },
+}
+
+type Outcome = Result<Arc<AccessToken>, TokenError>;
+
 /// What the last failed refresh said, so the next login does not ask again in vain.
-#[derive(Debug)]
-enum Failure {
-    /// Permanent for this refresh token: retried once the store holds another one, or (for
-    /// service accounts, whose fix happens in a console) after `until`.
-    Permanent {
+enum Failed {
+    /// The same answer until `until`.
+    Temporary { error: TokenError, until: Instant },
+    /// Permanent for this refresh token: asked again once the store holds another one, or
+    /// (service accounts, whose fix happens in a console) after `until`.
+    Revoked {
         error: TokenError,
         refresh_token: Option<Secret>,
         until: Option<Instant>,
     },
-    Temporary {
-        error: TokenError,
-        until: Instant,
-    },
+}
+
+impl Failed {
+    /// The remembered error, if it still answers for `refresh_token` at `now`.
+    fn holds(&self, refresh_token: &Option<Secret>, now: Instant) -> Option<&TokenError> {
+        match self {
+            Failed::Temporary { error, until } => (now < *until).then_some(error),
+            Failed::Revoked {
+                error,
+                refresh_token: failed,
+                until,
+            } => (failed == refresh_token && until.is_none_or(|u| now < u)).then_some(error),
+        }
+    }
+
+    fn error(&self) -> &TokenError {
+        match self {
+            Failed::Temporary { error, .. } | Failed::Revoked { error, .. } => error,
+        }
+    }
+}
+
+impl State {
+    /// The newest token this state knows, fresh or not.
+    fn last_token(&self) -> Option<&Arc<AccessToken>> {
+        match self {
+            State::Empty => None,
+            State::Pending { previous, .. } => previous.last_token(),
+            State::Active(t) => Some(t),
+            State::Failed { last, .. } => last.as_ref(),
+        }
+    }
+
+    fn status(&self, last_refresh_at: Option<i64>) -> status::AccountStatus {
+        let error = match self {
+            State::Pending { previous, .. } => return previous.status(last_refresh_at),
+            State::Failed { failure, .. } => Some(failure.error().with_advice()),
+            State::Empty | State::Active(_) => None,
+        };
+        status::AccountStatus {
+            access_token_expires_at: self.last_token().map(|t| unix(t.expires_at)),
+            last_refresh_at,
+            last_error: error,
+        }
+    }
+}
+
+/// The background schedule of one account.
+#[derive(Default)]
+struct Schedule {
+    /// The last login that asked for a token: the account counts as in use for a while after.
+    last_used: Option<Instant>,
+    /// No background attempt before this (set while one runs and after a failure).
+    not_before: Option<Instant>,
+    /// The last refresh-token age warning, to repeat it at most twice a day.
+    warned_at: Option<Instant>,
+}
+
+/// Everything that changes about one account's tokens, under one lock.
+struct Slot {
+    state: State,
+    schedule: Schedule,
+    /// Unix seconds of the last token request, whatever its outcome.
+    last_refresh_at: Option<i64>,
+}
+
+/// What a caller does next, decided under the slot's lock.
+enum Next {
+    Done(Outcome),
+    Wait(watch::Receiver<Option<Outcome>>),
+    Lead(Flight),
+}
+
+/// The right (and duty) to refresh: its outcome ends `Pending`; dropped unfinished (the login
+/// gave up), it restores the state before.
+struct Flight {
+    acct: Arc<AccountTokens>,
+    id: u64,
+    done: Option<watch::Sender<Option<Outcome>>>,
+}
+
+impl Flight {
+    fn finish(mut self, next: State, outcome: &Outcome) {
+        let mut slot = lock(&self.acct.slot);
+        if matches!(slot.state, State::Pending { flight, .. } if flight == self.id) {
+            slot.state = next;
+        }
+        slot.last_refresh_at = Some(now_unix());
+        drop(slot);
+        if let Some(done) = self.done.take() {
+            done.send_replace(Some(outcome.clone()));
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if self.done.is_none() {
+            return;
+        }
+        let mut slot = lock(&self.acct.slot);
+        if let State::Pending { flight, .. } = &slot.state {
+            if *flight == self.id {
+                let State::Pending { previous, .. } =
+                    std::mem::replace(&mut slot.state, State::Empty)
+                else {
+                    return;
+                };
+                slot.state = *previous;
+            }
+        }
+    }
 }
 
 /// Where an account's access tokens come from.
@@ -126,25 +298,12 @@ enum Source {
     },
 }
 
-#[derive(Default)]
-struct Background {
-    /// The last login that asked for a token: the account counts as in use for a while after.
-    last_used: Option<Instant>,
-    /// No background attempt before this (set while one runs and after a failure).
-    not_before: Option<Instant>,
-    /// The last refresh-token age warning, to repeat it at most twice a day.
-    warned_at: Option<Instant>,
-}
-
 struct AccountTokens {
+    key: AccountKey,
     email: String,
     source: Source,
-    cached: Mutex<Option<Arc<AccessToken>>>,
-    /// Held while refreshing: the single flight.
-    gate: tokio::sync::Mutex<Option<Failure>>,
+    slot: Mutex<Slot>,
     requests: AtomicU64,
-    background: Mutex<Background>,
-    status: Mutex<status::AccountStatus>,
 }
 
 struct Shared {
@@ -157,6 +316,7 @@ struct Shared {
     /// Woken when a token is cached, so the refresher recomputes its schedule.
     wake: tokio::sync::Notify,
     min_background_age_ms: AtomicU64,
+    flights: AtomicU64,
 }
 
 pub struct TokenManager {
@@ -216,29 +376,33 @@ impl TokenManager {
                     },
                     None => Source::RefreshToken(config.oauth_client(a)),
                 };
+                let slot = Slot {
+                    state: State::Empty,
+                    schedule: Schedule::default(),
+                    last_refresh_at: None,
+                };
                 (
                     a.key(),
                     Arc::new(AccountTokens {
+                        key: a.key(),
                         email: a.email.clone(),
                         source,
-                        cached: Mutex::new(None),
-                        gate: tokio::sync::Mutex::new(None),
+                        slot: Mutex::new(slot),
                         requests: Default::default(),
-                        background: Mutex::new(Background::default()),
-                        status: Mutex::new(Default::default()),
                     }),
                 )
             })
             .collect();
         Ok(TokenManager {
             shared: Arc::new(Shared {
-                http: google::http_client()?,
+                http: token_endpoint::http_client()?,
                 registry,
                 tokens,
                 status_dir,
                 status_write: Mutex::new(()),
                 wake: tokio::sync::Notify::new(),
                 min_background_age_ms: AtomicU64::new(MIN_BACKGROUND_AGE.as_millis() as u64),
+                flights: AtomicU64::new(0),
             }),
         })
     }
@@ -269,24 +433,36 @@ impl TokenManager {
                 detail: "not a configured account".into(),
             });
         };
-        lock(&acct.background).last_used = Some(Instant::now());
-        if let Some(t) = acct.fresh() {
-            return Ok(t);
+        lock(&acct.slot).schedule.last_used = Some(Instant::now());
+        loop {
+            let next = match acct.without_store() {
+                Some(next) => next,
+                None => {
+                    let refresh_token = self.shared.refresh_token(acct)?;
+                    acct.next(&refresh_token, &self.shared.flights)
+                }
+            };
+            match next {
+                Next::Done(outcome) => return outcome,
+                Next::Lead(flight) => return self.shared.fly(flight).await,
+                // A leader that gave up leaves no outcome: look again (and maybe lead).
+                Next::Wait(mut done) => {
+                    if let Ok(outcome) = done.wait_for(Option::is_some).await {
+                        if let Some(outcome) = outcome.as_ref() {
+                            return outcome.clone();
+                        }
+                    }
+                }
+            }
         }
-        let mut gate = acct.gate.lock().await;
-        // Whoever held the gate before us may have refreshed already.
-        if let Some(t) = acct.fresh() {
-            return Ok(t);
-        }
-        self.shared.refresh_locked(key, acct, &mut gate).await
     }
 
     /// The upstream rejected `token`: forget it so the next `get` refreshes.
     pub fn invalidate(&self, key: &AccountKey, token: &Arc<AccessToken>) {
         if let Some(acct) = self.shared.tokens.get(key) {
-            let mut cached = lock(&acct.cached);
-            if cached.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
-                *cached = None;
+            let mut slot = lock(&acct.slot);
+            if matches!(&slot.state, State::Active(t) if Arc::ptr_eq(t, token)) {
+                slot.state = State::Empty;
             }
         }
     }
@@ -319,112 +495,188 @@ impl TokenManager {
     }
 }
 
+impl AccountTokens {
+    /// Whose tokens these are (service accounts are Google's).
+    fn provider(&self) -> &'static dyn Provider {
+        match &self.source {
+            Source::RefreshToken(Ok(client)) => client.provider,
+            _ => provider::default_provider(),
+        }
+    }
+
+    /// The decisions that need no look at the store: a fresh token, or a refresh to wait for.
+    fn without_store(&self) -> Option<Next> {
+        match &lock(&self.slot).state {
+            State::Active(t) if t.is_fresh(SystemTime::now()) => Some(Next::Done(Ok(t.clone()))),
+            State::Pending { done, .. } if done.has_changed().is_ok() => {
+                Some(Next::Wait(done.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Decide with the store's refresh token in hand; leading moves the state to `Pending`.
+    fn next(self: &Arc<Self>, refresh_token: &Option<Secret>, flights: &AtomicU64) -> Next {
+        let mut slot = lock(&self.slot);
+        match &slot.state {
+            State::Active(t) if t.is_fresh(SystemTime::now()) => return Next::Done(Ok(t.clone())),
+            // A leader that vanished without restoring the state is replaced.
+            State::Pending { done, .. } if done.has_changed().is_ok() => {
+                return Next::Wait(done.clone())
+            }
+            State::Failed { failure, .. } => {
+                if let Some(error) = failure.holds(refresh_token, Instant::now()) {
+                    return Next::Done(Err(error.clone()));
+                }
+            }
+            State::Empty | State::Active(_) | State::Pending { .. } => {}
+        }
+        Next::Lead(self.take_off(&mut slot, flights))
+    }
+
+    fn take_off(self: &Arc<Self>, slot: &mut Slot, flights: &AtomicU64) -> Flight {
+        let id = flights.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        let previous = std::mem::replace(&mut slot.state, State::Empty);
+        slot.state = State::Pending {
+            flight: id,
+            done: rx,
+            previous: Box::new(previous),
+        };
+        Flight {
+            acct: self.clone(),
+            id,
+            done: Some(tx),
+        }
+    }
+}
+
 impl Shared {
-    /// Refresh with the gate held: honour remembered failures, ask the endpoint, remember the
-    /// outcome.
-    async fn refresh_locked(
-        &self,
-        key: &AccountKey,
-        acct: &AccountTokens,
-        gate: &mut Option<Failure>,
-    ) -> Result<Arc<AccessToken>, TokenError> {
-        let refresh_token = match &acct.source {
+    fn refresh_token(&self, acct: &AccountTokens) -> Result<Option<Secret>, TokenError> {
+        match &acct.source {
             Source::RefreshToken(_) => {
                 self.registry
-                    .refresh_token(key)
+                    .refresh_token(&acct.key)
                     .map_err(|e| TokenError::Temporary {
                         email: acct.email.clone(),
                         detail: format!("cannot read the secret store: {e}"),
-                    })?
+                        retry_after: None,
+                    })
             }
-            Source::ServiceAccount { .. } => None,
+            Source::ServiceAccount { .. } => Ok(None),
+        }
+    }
+
+    /// Refresh as the flight's leader and move the state to the outcome.
+    async fn fly(&self, flight: Flight) -> Outcome {
+        let acct = flight.acct.clone();
+        let refresh_token = match self.refresh_token(&acct) {
+            Ok(t) => t,
+            Err(e) => {
+                let next = self.failed_state(&acct, &e, None);
+                let outcome = Err(e);
+                flight.finish(next, &outcome);
+                return outcome;
+            }
         };
-        match &*gate {
-            Some(Failure::Permanent {
-                error,
-                refresh_token: failed,
-                until,
-            }) if *failed == refresh_token && until.is_none_or(|u| Instant::now() < u) => {
-                return Err(error.clone())
-            }
-            Some(Failure::Temporary { error, until }) if Instant::now() < *until => {
-                return Err(error.clone())
-            }
-            _ => {}
-        }
-        let result = self.refresh(key, acct, refresh_token.clone()).await;
-        {
-            let mut st = lock(&acct.status);
-            st.last_refresh_at = Some(now_unix());
-            match &result {
-                Ok(token) => {
-                    st.access_token_expires_at = Some(unix(token.expires_at));
-                    st.last_error = None;
-                }
-                Err((error, _)) => st.last_error = Some(error.with_advice()),
-            }
-        }
+        let outcome = self.refresh(&acct, refresh_token.clone()).await;
+        let next = match &outcome {
+            Ok(token) => State::Active(token.clone()),
+            Err(e) => self.failed_state(&acct, e, refresh_token),
+        };
+        flight.finish(next, &outcome);
         self.publish_status();
-        match result {
-            Ok(token) => {
-                *gate = None;
-                self.wake.notify_one();
-                Ok(token)
-            }
-            Err((error, retry_after)) => {
-                *gate = Some(match &error {
-                    TokenError::Temporary { .. } => Failure::Temporary {
-                        error: error.clone(),
-                        until: Instant::now() + retry_after.unwrap_or(TEMPORARY_HOLD),
-                    },
-                    _ => Failure::Permanent {
-                        error: error.clone(),
-                        until: match acct.source {
-                            Source::ServiceAccount { .. } => {
-                                Some(Instant::now() + SERVICE_ACCOUNT_HOLD)
-                            }
-                            Source::RefreshToken(_) => None,
-                        },
-                        refresh_token,
-                    },
-                });
-                Err(error)
-            }
+        if outcome.is_ok() {
+            self.wake.notify_one();
         }
+        outcome
+    }
+
+    fn failed_state(
+        &self,
+        acct: &AccountTokens,
+        error: &TokenError,
+        refresh_token: Option<Secret>,
+    ) -> State {
+        let now = Instant::now();
+        let failure = match error {
+            TokenError::Temporary { retry_after, .. } => Failed::Temporary {
+                error: error.clone(),
+                until: now + retry_after.unwrap_or(TEMPORARY_HOLD),
+            },
+            _ => Failed::Revoked {
+                error: error.clone(),
+                refresh_token,
+                until: match acct.source {
+                    Source::ServiceAccount { .. } => Some(now + SERVICE_ACCOUNT_HOLD),
+                    Source::RefreshToken(_) => None,
+                },
+            },
+        };
+        let last = match &lock(&acct.slot).state {
+            State::Pending { previous, .. } => previous.last_token().cloned(),
+            other => other.last_token().cloned(),
+        };
+        State::Failed { failure, last }
     }
 
     async fn refresh(
         &self,
-        key: &AccountKey,
         acct: &AccountTokens,
         refresh_token: Option<Secret>,
-    ) -> Result<Arc<AccessToken>, (TokenError, Option<Duration>)> {
-        let email = acct.email.clone();
-        let misconfigured = |detail: &String| {
-            (
-                TokenError::Misconfigured {
-                    email: email.clone(),
-                    detail: detail.clone(),
-                },
-                None,
-            )
-        };
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let email = acct.email.as_str();
         let started = SystemTime::now();
-        let (granted, wanted_scope) = match &acct.source {
+        let (granted, wanted_scope) = self.grant(acct, &refresh_token).await?;
+        let granted = granted.map_err(|e| {
+            let e = match e {
+                GrantError::Revoked(detail) => {
+                    GrantError::Revoked(format!("{detail}{}", self.revoked_hint(acct)))
+                }
+                other => other,
+            };
+            let error = TokenError::from_grant(email, e);
+            tracing::warn!(account = %email, error = %error, "token refresh failed");
+            error
+        })?;
+        check_scope(email, &granted, wanted_scope, acct.provider().words().mail)?;
+        self.save_rotated(acct, &granted, &refresh_token)?;
+        let token = Arc::new(AccessToken {
+            token: granted.access_token,
+            expires_at: started + granted.expires_in,
+            obtained_at: started,
+        });
+        tracing::info!(account = %email, expires_in = granted.expires_in.as_secs(), "access token refreshed");
+        Ok(token)
+    }
+
+    /// Ask the token endpoint for this account's source; returns the answer and the scope
+    /// the token must carry.
+    async fn grant<'a>(
+        &self,
+        acct: &'a AccountTokens,
+        refresh_token: &Option<Secret>,
+    ) -> Result<(Result<Granted, GrantError>, &'a str), TokenError> {
+        let email = acct.email.as_str();
+        let misconfigured = |detail: &String| TokenError::Misconfigured {
+            email: email.to_string(),
+            detail: detail.clone(),
+        };
+        match &acct.source {
             Source::RefreshToken(client) => {
                 let client = client.as_ref().map_err(misconfigured)?;
-                let Some(refresh_token) = &refresh_token else {
-                    return Err((
-                        TokenError::NotAuthorized {
-                            email: email.clone(),
-                            detail: "not authorized yet".into(),
-                        },
-                        None,
-                    ));
+                let Some(refresh_token) = refresh_token else {
+                    return Err(TokenError::NeverAuthorized {
+                        email: email.to_string(),
+                    });
                 };
                 acct.requests.fetch_add(1, Ordering::Relaxed);
-                let granted = google::refresh(&self.http, client, refresh_token).await;
-                (granted, client.scope.as_str())
+                let provider = client.provider;
+                let granted = token_endpoint::refresh(&self.http, client, refresh_token, |r| {
+                    provider.refresh_refusal(r)
+                })
+                .await;
+                Ok((granted, client.scope.as_str()))
             }
             Source::ServiceAccount {
                 path,
@@ -440,144 +692,100 @@ impl Shared {
                     key.clone().map_err(|e| misconfigured(&e))?
                 };
                 acct.requests.fetch_add(1, Ordering::Relaxed);
-                let granted = sa.fetch(&self.http, &email, scope, token_url).await;
-                (granted, scope.as_str())
-            }
-        };
-        let granted = granted.map_err(|e| {
-            let retry_after = match &e {
-                GrantError::Temporary { retry_after, .. } => *retry_after,
-                _ => None,
-            };
-            let error = match e {
-                GrantError::Revoked(detail) => TokenError::NotAuthorized {
-                    detail: format!("{detail}{}", self.testing_limit_hint(key)),
-                    email: email.clone(),
-                },
-                GrantError::Client(detail) => TokenError::Misconfigured {
-                    email: email.clone(),
-                    detail,
-                },
-                GrantError::Temporary { detail, .. } => TokenError::Temporary {
-                    email: email.clone(),
-                    detail,
-                },
-            };
-            tracing::warn!(account = %email, error = %error, "token refresh failed");
-            (error, retry_after)
-        })?;
-        if let Some(scope) = &granted.scope {
-            if !scope.split_whitespace().any(|s| s == wanted_scope) {
-                let error = TokenError::NotAuthorized {
-                    email: email.clone(),
-                    detail: format!(
-                        "the authorization does not include {wanted_scope} (granted: {scope}); authorize again and allow access to Gmail"
-                    ),
-                };
-                tracing::warn!(account = %email, error = %error, "token refresh failed");
-                return Err((error, None));
+                let granted = sa.fetch(&self.http, email, scope, token_url).await;
+                Ok((granted, scope.as_str()))
             }
         }
-        // A rotated refresh token is saved before the new access token is used: if saving
-        // fails we would lose the only valid grant.
-        if let (Some(rotated), Some(old)) = (&granted.refresh_token, &refresh_token) {
-            if rotated != old {
-                crate::registry::rotate_refresh_token(self.registry.store(), key, rotated)
-                    .map_err(|e| {
-                        (
-                            TokenError::Temporary {
-                                email: email.clone(),
-                                detail: format!("cannot save the rotated refresh token: {e}"),
-                            },
-                            None,
-                        )
-                    })?;
-            }
-        }
-        let token = Arc::new(AccessToken {
-            token: granted.access_token,
-            expires_at: started + granted.expires_in,
-            obtained_at: started,
-        });
-        tracing::info!(account = %email, expires_in = granted.expires_in.as_secs(), "access token refreshed");
-        *lock(&acct.cached) = Some(token.clone());
-        Ok(token)
     }
 
-    /// For a refused refresh token about a week old: say it is probably Google's Testing limit.
-    fn testing_limit_hint(&self, key: &AccountKey) -> String {
-        let obtained = self
-            .registry
-            .current()
-            .ok()
-            .and_then(|d| d.account(key).and_then(|a| a.refresh_token_obtained_at));
-        match obtained {
-            Some(at) if grant::looks_like_testing_expiry(at, now_unix()) => {
-                "; it was issued about 7 days ago, which is when Google ends grants of apps in Testing: publish the app (Google Auth Platform > Audience > Publish app) so new grants last".into()
-            }
-            _ => String::new(),
+    /// A rotated refresh token is saved before the new access token is used: if saving
+    /// fails we would lose the only valid grant.
+    fn save_rotated(
+        &self,
+        acct: &AccountTokens,
+        granted: &Granted,
+        old: &Option<Secret>,
+    ) -> Result<(), TokenError> {
+        let (Some(rotated), Some(old)) = (&granted.refresh_token, old) else {
+            return Ok(());
+        };
+        if rotated == old {
+            return Ok(());
         }
+        crate::registry::rotate_refresh_token(self.registry.store(), &acct.key, rotated).map_err(
+            |e| TokenError::Temporary {
+                email: acct.email.clone(),
+                detail: format!("cannot save the rotated refresh token: {e}"),
+                retry_after: None,
+            },
+        )
+    }
+
+    /// What the provider can tell about why a refresh token of this age was refused.
+    fn revoked_hint(&self, acct: &AccountTokens) -> String {
+        let obtained = self.registry.current().ok().and_then(|d| {
+            d.account(&acct.key)
+                .and_then(|a| a.refresh_token_obtained_at)
+        });
+        obtained
+            .and_then(|at| acct.provider().revoked_hint(at, now_unix()))
+            .map(|hint| format!("; {hint}"))
+            .unwrap_or_default()
     }
 
     /// One look at every account: start the background refreshes that are due, warn about old
     /// refresh tokens, and return when to look again.
     fn background_pass(self: &Arc<Self>) -> Instant {
         let now = Instant::now();
-        let wall = SystemTime::now();
         let min_age = Duration::from_millis(self.min_background_age_ms.load(Ordering::Relaxed));
         let mut next = now + REFRESHER_TICK;
         let data = self.registry.current().ok();
-        for (key, acct) in &self.tokens {
+        for acct in self.tokens.values() {
             if let Some(data) = &data {
-                self.warn_about_age(key, acct, data, now);
+                self.warn_about_age(acct, data, now);
             }
-            let Some(token) = lock(&acct.cached).clone() else {
-                continue;
-            };
-            let mut bg = lock(&acct.background);
-            if bg.last_used.is_none_or(|u| now.duration_since(u) >= IN_USE) {
-                continue;
+            match acct.background_due(now, min_age) {
+                Ok(token) => {
+                    let shared = self.clone();
+                    let acct = acct.clone();
+                    tokio::spawn(async move { shared.refresh_ahead(acct, token).await });
+                }
+                Err(Some(due)) => next = next.min(due),
+                Err(None) => {}
             }
-            let due_wall = token.background_due(min_age);
-            let mut due = now + due_wall.duration_since(wall).unwrap_or_default();
-            if let Some(not_before) = bg.not_before {
-                due = due.max(not_before);
-            }
-            if due > now {
-                next = next.min(due);
-                continue;
-            }
-            bg.not_before = Some(now + BACKGROUND_RETRY);
-            drop(bg);
-            let shared = self.clone();
-            let key = key.clone();
-            let acct = acct.clone();
-            tokio::spawn(async move { shared.refresh_ahead(&key, &acct, token).await });
         }
         next
     }
 
-    async fn refresh_ahead(&self, key: &AccountKey, acct: &AccountTokens, seen: Arc<AccessToken>) {
-        let mut gate = acct.gate.lock().await;
-        let current = lock(&acct.cached).clone();
-        if !current.is_some_and(|c| Arc::ptr_eq(&c, &seen)) {
-            // A login refreshed (or dropped) it meanwhile.
+    async fn refresh_ahead(&self, acct: Arc<AccountTokens>, seen: Arc<AccessToken>) {
+        let Ok(refresh_token) = self.refresh_token(&acct) else {
             return;
-        }
+        };
+        let flight = {
+            let mut slot = lock(&acct.slot);
+            // A login refreshed (or dropped) it meanwhile, one is refreshing now, or the last
+            // refusal still answers for this refresh token.
+            let due = match &slot.state {
+                State::Active(t) => Arc::ptr_eq(t, &seen),
+                State::Failed { last, failure } => {
+                    last.as_ref().is_some_and(|t| Arc::ptr_eq(t, &seen))
+                        && failure.holds(&refresh_token, Instant::now()).is_none()
+                }
+                State::Empty | State::Pending { .. } => false,
+            };
+            if !due {
+                return;
+            }
+            acct.take_off(&mut slot, &self.flights)
+        };
         tracing::debug!(account = %acct.email, "refreshing the access token ahead of expiry");
-        if self.refresh_locked(key, acct, &mut gate).await.is_ok() {
-            lock(&acct.background).not_before = None;
+        if self.fly(flight).await.is_ok() {
+            lock(&acct.slot).schedule.not_before = None;
         }
     }
 
-    fn warn_about_age(
-        &self,
-        key: &AccountKey,
-        acct: &AccountTokens,
-        data: &crate::store::StoreData,
-        now: Instant,
-    ) {
-        let Some(secrets) = data.account(key) else {
+    fn warn_about_age(&self, acct: &AccountTokens, data: &crate::store::StoreData, now: Instant) {
+        let Some(secrets) = data.account(&acct.key) else {
             return;
         };
         if secrets.refresh_token.is_none() || matches!(acct.source, Source::ServiceAccount { .. }) {
@@ -591,14 +799,15 @@ impl Shared {
         ) else {
             return;
         };
-        let mut bg = lock(&acct.background);
-        if bg
+        let mut slot = lock(&acct.slot);
+        let schedule = &mut slot.schedule;
+        if schedule
             .warned_at
             .is_some_and(|w| now.duration_since(w) < WARN_EVERY)
         {
             return;
         }
-        bg.warned_at = Some(now);
+        schedule.warned_at = Some(now);
         tracing::warn!(account = %acct.email, "{text}");
     }
 
@@ -614,7 +823,10 @@ impl Shared {
             accounts: self
                 .tokens
                 .iter()
-                .map(|(k, a)| (k.to_string(), lock(&a.status).clone()))
+                .map(|(k, a)| {
+                    let slot = lock(&a.slot);
+                    (k.to_string(), slot.state.status(slot.last_refresh_at))
+                })
                 .collect(),
         };
         status::write(dir, &snapshot);
@@ -622,11 +834,58 @@ impl Shared {
 }
 
 impl AccountTokens {
-    fn fresh(&self) -> Option<Arc<AccessToken>> {
-        lock(&self.cached)
-            .as_ref()
-            .filter(|t| t.is_fresh(SystemTime::now()))
-            .cloned()
+    /// The token the background refresher should replace now, or when to look again (None:
+    /// nothing to do for this account).
+    fn background_due(
+        &self,
+        now: Instant,
+        min_age: Duration,
+    ) -> Result<Arc<AccessToken>, Option<Instant>> {
+        let wall = SystemTime::now();
+        let mut slot = lock(&self.slot);
+        let token = match &slot.state {
+            State::Active(t) => t.clone(),
+            State::Failed { last: Some(t), .. } => t.clone(),
+            _ => return Err(None),
+        };
+        let schedule = &mut slot.schedule;
+        if schedule
+            .last_used
+            .is_none_or(|u| now.duration_since(u) >= IN_USE)
+        {
+            return Err(None);
+        }
+        let mut due = now
+            + token
+                .background_due(min_age)
+                .duration_since(wall)
+                .unwrap_or_default();
+        if let Some(not_before) = schedule.not_before {
+            due = due.max(not_before);
+        }
+        if due > now {
+            return Err(Some(due));
+        }
+        schedule.not_before = Some(now + BACKGROUND_RETRY);
+        Ok(token)
+    }
+}
+
+/// The grant must carry the mail scope, or logins would fail upstream with a token that
+/// refreshes fine.
+fn check_scope(email: &str, granted: &Granted, wanted: &str, mail: &str) -> Result<(), TokenError> {
+    match &granted.scope {
+        Some(scope) if !scope.split_whitespace().any(|s| s == wanted) => {
+            let error = TokenError::Revoked {
+                email: email.to_string(),
+                detail: format!(
+                    "the authorization does not include {wanted} (granted: {scope}); authorize again and allow access to {mail}"
+                ),
+            };
+            tracing::warn!(account = %email, error = %error, "token refresh failed");
+            Err(error)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -644,12 +903,16 @@ fn unix(t: SystemTime) -> i64 {
 pub async fn verify_refresh_token(
     client: &OAuthClient,
     refresh_token: &Secret,
-) -> Result<google::Granted, GrantError> {
-    let http = google::http_client().map_err(|detail| GrantError::Temporary {
+) -> Result<Granted, GrantError> {
+    let http = token_endpoint::http_client().map_err(|detail| GrantError::Temporary {
         detail,
         retry_after: None,
     })?;
-    google::refresh(&http, client, refresh_token).await
+    let provider = client.provider;
+    token_endpoint::refresh(&http, client, refresh_token, |r| {
+        provider.refresh_refusal(r)
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -693,9 +956,8 @@ mod tests {
 
     #[test]
     fn advice_says_what_to_run() {
-        let e = TokenError::NotAuthorized {
+        let e = TokenError::NeverAuthorized {
             email: "a@x.com".into(),
-            detail: "not authorized yet".into(),
         };
         assert_eq!(
             e.with_advice(),

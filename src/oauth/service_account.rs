@@ -13,7 +13,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::Deserialize;
 
-use super::google::{self, GrantError, Granted, Refusal};
+use super::token_endpoint::{self, GrantError, Granted, Refusal};
+use crate::provider::google;
 use crate::secret::Secret;
 
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -163,7 +164,7 @@ impl ServiceAccount {
             ("grant_type", JWT_BEARER),
             ("assertion", assertion.expose()),
         ];
-        google::token_request(http, token_url, &form)
+        token_endpoint::token_request(http, token_url, &form)
             .await
             .map_err(|e| e.into_grant_error(|r| self.refusal(r, subject, scope)))
     }

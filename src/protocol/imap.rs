@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
     extend_wiping, trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine,
-    UpAction, UpOutcome,
+    UpAction, UpOutcome, Words,
 };
 use crate::secret::{Secret, SensitiveBytes};
 
@@ -168,12 +168,13 @@ impl ClientSession {
     }
 
     /// The login failed: answer its command with the failure's response code and words.
-    pub fn login_failed(&mut self, failure: &Failure) {
+    pub fn login_failed(&mut self, failure: &Failure, words: &Words) {
         let tag = self.login_tag().unwrap_or("*");
-        let text = failure.describe();
+        let text = failure.describe(words);
         let line = match failure {
             Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
+            | Failure::NeverAuthorized { .. }
+            | Failure::Revoked { .. }
             | Failure::TokenRejected { .. } => {
                 format!("{tag} NO [AUTHENTICATIONFAILED] {text}")
             }

@@ -1,6 +1,7 @@
 //! Sans-I/O protocol code: the authentication phases of IMAP, SMTP and POP3 as state machines
 //! that take bytes in and hand back actions, plus the SASL pieces they share.
 
+use serde::Deserialize;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::SensitiveBytes;
@@ -8,8 +9,27 @@ use crate::secret::SensitiveBytes;
 pub mod failure;
 pub mod proxy_header;
 pub mod sasl;
-pub use failure::Failure;
+pub use failure::{Failure, Words};
 use sasl::ErrorChallenge;
+
+/// The mail protocols the proxy speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+    Smtp,
+    Pop3,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Smtp => "smtp",
+            Protocol::Pop3 => "pop3",
+        }
+    }
+}
 
 /// What the client asked to log in with, once its credentials are complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,8 +231,9 @@ pub trait ClientSession: Send {
     fn next_action(&mut self) -> Option<ClientAction>;
     /// TLS is up after a `ClientAction::StartTls`.
     fn tls_established(&mut self);
-    /// The login failed: queue the protocol's reply for this class of failure.
-    fn login_failed(&mut self, failure: &Failure);
+    /// The login failed: queue the protocol's reply for this class of failure, in the words
+    /// of the account's provider.
+    fn login_failed(&mut self, failure: &Failure, words: &Words);
     /// The login succeeded: what the client sent after its login command, for upstream.
     fn into_pending_input(self) -> Vec<u8>;
 }
@@ -233,8 +254,12 @@ macro_rules! impl_client_session {
             fn tls_established(&mut self) {
                 <$t>::tls_established(self)
             }
-            fn login_failed(&mut self, failure: &$crate::protocol::Failure) {
-                <$t>::login_failed(self, failure)
+            fn login_failed(
+                &mut self,
+                failure: &$crate::protocol::Failure,
+                words: &$crate::protocol::failure::Words,
+            ) {
+                <$t>::login_failed(self, failure, words)
             }
             fn into_pending_input(self) -> Vec<u8> {
                 <$t>::into_pending_input(self)
@@ -337,17 +362,20 @@ pub(crate) mod testkit {
         std::iter::from_fn(|| m.next_action()).collect()
     }
 
+    /// Google's words, as the transcript tests expect them.
+    pub const WORDS: super::Words = super::Words {
+        provider: "Google",
+        mail: "Gmail",
+    };
+
     /// One failure of each class, as the driver hands them to a session; `refusal` is what
     /// upstream said when it refused the login.
     pub fn every_failure(refusal: &str) -> [Failure; 8] {
         let email = || "alice@gmail.com".to_string();
         [
             Failure::BadCredentials,
-            Failure::NotAuthorized {
-                email: email(),
-                detail: "not authorized yet".into(),
-            },
-            Failure::NotAuthorized {
+            Failure::NeverAuthorized { email: email() },
+            Failure::Revoked {
                 email: email(),
                 detail: "invalid_grant: Token has been expired or revoked.".into(),
             },

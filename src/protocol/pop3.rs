@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
     trim_eol, Core, Credentials, Failure, Input, LineTooLong, SessionMachine, UpAction, UpOutcome,
-    UpstreamMachine,
+    UpstreamMachine, Words,
 };
 use crate::secret::{Secret, SensitiveBytes};
 
@@ -109,10 +109,11 @@ impl ClientSession {
 
     /// The login failed: `-ERR` with the RFC 3206 response code for the failure's class, or
     /// upstream's own refusal.
-    pub fn login_failed(&mut self, failure: &Failure) {
+    pub fn login_failed(&mut self, failure: &Failure, words: &Words) {
         let code = match failure {
             Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
+            | Failure::NeverAuthorized { .. }
+            | Failure::Revoked { .. }
             | Failure::TokenRejected { .. } => "-ERR [AUTH]",
             Failure::Misconfigured { .. } => "-ERR [SYS/PERM]",
             Failure::Temporary { .. } => "-ERR [SYS/TEMP]",
@@ -124,7 +125,7 @@ impl ClientSession {
             }
         };
         let text: String = failure
-            .describe()
+            .describe(words)
             .chars()
             .filter(|c| !c.is_control())
             .take(480)

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::sasl::{self, ErrorChallenge, SaslError};
 use super::{
     find_line_end, trim_eol, Core, Credentials, Failure, SessionMachine, UpAction, UpOutcome,
-    UpstreamMachine,
+    UpstreamMachine, Words,
 };
 use crate::secret::{Secret, SensitiveBytes};
 
@@ -123,11 +123,12 @@ impl ClientSession {
 
     /// The login failed: 535 when the client's credentials or token are at fault, 454 when
     /// trying again later may help, upstream's own reply when it refused.
-    pub fn login_failed(&mut self, failure: &Failure) {
-        let text = failure.describe();
+    pub fn login_failed(&mut self, failure: &Failure, words: &Words) {
+        let text = failure.describe(words);
         let reply = match failure {
             Failure::BadCredentials
-            | Failure::NotAuthorized { .. }
+            | Failure::NeverAuthorized { .. }
+            | Failure::Revoked { .. }
             | Failure::TokenRejected { .. } => one_line("535 5.7.8", &text),
             Failure::Misconfigured { .. }
             | Failure::Temporary { .. }

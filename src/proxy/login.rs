@@ -13,7 +13,8 @@ use super::Conn;
 impl From<TokenError> for Failure {
     fn from(e: TokenError) -> Self {
         match e {
-            TokenError::NotAuthorized { email, detail } => Failure::NotAuthorized { email, detail },
+            TokenError::NeverAuthorized { email } => Failure::NeverAuthorized { email },
+            TokenError::Revoked { email, detail } => Failure::Revoked { email, detail },
             TokenError::Misconfigured { email, detail } => Failure::Misconfigured { email, detail },
             TokenError::Temporary { detail, .. } => Failure::Temporary { detail },
         }

@@ -124,7 +124,8 @@ async fn log_in<D: Dialect>(
                             let pending = session.into_pending_input();
                             return Some((email, client, up, pending));
                         }
-                        Ok(Err(failure)) => session.login_failed(&failure),
+                        Ok(Err(failure)) => session
+                            .login_failed(&failure, crate::provider::default_provider().words()),
                     }
                 }
             }

@@ -6,13 +6,6 @@ use crate::clock::{format_age, format_time};
 const HOUR: i64 = 3600;
 const DAY: i64 = 24 * HOUR;
 
-/// A refresh token refused at about 7 days old most likely met Google's limit for apps in
-/// Testing.
-pub fn looks_like_testing_expiry(obtained_at: i64, now: i64) -> bool {
-    let age = now - obtained_at;
-    (6 * DAY + 12 * HOUR..=8 * DAY).contains(&age)
-}
-
 /// What to do about a refresh token that will soon stop working, if anything: Google announced
 /// its end and that is within a day, or it is in its seventh day (apps in Testing get 7 days).
 pub fn refresh_token_attention(
@@ -83,12 +76,5 @@ mod tests {
         assert!(soon.contains("in 5 h 0 min"), "{soon}");
         let past = refresh_token_attention("a@x.com", Some(NOW), Some(NOW - 1), NOW).unwrap();
         assert!(past.contains("ended"), "{past}");
-    }
-
-    #[test]
-    fn refused_week_old_token_is_recognised_as_the_testing_limit() {
-        assert!(looks_like_testing_expiry(NOW - 7 * DAY, NOW));
-        assert!(!looks_like_testing_expiry(NOW - 2 * DAY, NOW));
-        assert!(!looks_like_testing_expiry(NOW - 60 * DAY, NOW));
     }
 }

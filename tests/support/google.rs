@@ -61,6 +61,12 @@ struct Inner {
     audience: String,
     /// Every refresh answers with a new refresh token and revokes the one it was given.
     rotate_refresh_tokens: bool,
+    /// When set, POST /token answers 302 to this address instead.
+    token_redirect: Option<String>,
+    /// Device grant polls answer these error codes in turn ("ok" issues a token); the last
+    /// one repeats.
+    device_script: Vec<String>,
+    device_polls: usize,
 }
 
 pub struct GoogleState {
@@ -88,11 +94,16 @@ impl GoogleHandle {
 
     fn mint(&self, inner: &mut Inner, email: &str, ttl: Duration) -> String {
         let token = format!("ya29.a0{}", random_urlsafe(120));
+        let now = Instant::now();
+        // An absurd expires_in (u64::MAX, for tests of the proxy's clamp) means "for good".
+        let expires_at = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
         inner.access.insert(
             token.clone(),
             AccessEntry {
                 email: email.to_string(),
-                expires_at: Instant::now() + ttl,
+                expires_at,
             },
         );
         token
@@ -132,6 +143,9 @@ impl FakeGoogle {
                 jwt_claims: Vec::new(),
                 audience: String::new(),
                 rotate_refresh_tokens: false,
+                token_redirect: None,
+                device_script: vec!["authorization_pending".into()],
+                device_polls: 0,
             }),
             token_requests: AtomicUsize::new(0),
             refresh_grants_ok: AtomicUsize::new(0),
@@ -275,6 +289,29 @@ impl FakeGoogle {
         lock(&self.state.0.inner).jwt_claims.clone()
     }
 
+    /// When set, every POST /token is answered with a 302 redirect to `location`.
+    pub fn set_token_redirect(&self, location: Option<&str>) {
+        lock(&self.state.0.inner).token_redirect = location.map(str::to_string);
+    }
+
+    /// What device-grant polls answer, in turn: OAuth error codes such as
+    /// `authorization_pending` or `slow_down`, or `ok` for a token. The last one repeats.
+    pub fn set_device_script(&self, script: &[&str]) {
+        let mut inner = lock(&self.state.0.inner);
+        inner.device_script = script.iter().map(|s| s.to_string()).collect();
+        inner.device_polls = 0;
+    }
+
+    /// Number of device-grant polls received.
+    pub fn device_polls(&self) -> usize {
+        lock(&self.state.0.inner).device_polls
+    }
+
+    /// `http://127.0.0.1:PORT/device/code`
+    pub fn device_url(&self) -> String {
+        format!("{}/device/code", self.base_url)
+    }
+
     /// Whether this refresh token is known and not revoked.
     pub fn refresh_token_is_live(&self, refresh_token: &str) -> bool {
         lock(&self.state.0.inner)
@@ -326,8 +363,13 @@ async fn handle(state: &GoogleHandle, req: Request) -> Response {
              <body><p><b>503.</b> That's an error.</p></body></html>",
         );
     }
+    let redirect = lock(&state.0.inner).token_redirect.clone();
     match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/token") if redirect.is_some() => {
+            Response::redirect(redirect.as_deref().unwrap_or_default())
+        }
         ("POST", "/token") => token(state, &req),
+        ("POST", "/device/code") => device_code(&req),
         ("GET", "/auth") | ("GET", "/o/oauth2/v2/auth") | ("GET", "/o/oauth2/auth") => {
             authorize(state, &req)
         }
@@ -408,6 +450,7 @@ fn token(state: &GoogleHandle, req: &Request) -> Response {
         _ => return invalid_client(),
     }
     match grant_type.as_str() {
+        DEVICE_GRANT => device_grant(state, &params),
         "refresh_token" => refresh_grant(state, &params),
         "authorization_code" => code_grant(state, &params),
         _ => oauth_error(400, "unsupported_grant_type", None),
@@ -722,6 +765,62 @@ fn jwt_bearer_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> R
         &json!({
             "access_token": access,
             "expires_in": expires_in,
+            "token_type": "Bearer",
+        }),
+    )
+}
+
+pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+const DEVICE_CODE: &str = "fake-device-code";
+
+/// RFC 8628 §3.2: a device code, the code the user types, where, and how often to poll.
+fn device_code(req: &Request) -> Response {
+    let params = parse_form(&req.body);
+    if !params
+        .iter()
+        .any(|(k, v)| k == "client_id" && v == CLIENT_ID)
+    {
+        return invalid_client();
+    }
+    Response::json(
+        200,
+        &json!({
+            "device_code": DEVICE_CODE,
+            "user_code": "WDJB-MJHT",
+            "verification_uri": "https://example.com/device",
+            "expires_in": 900,
+            "interval": 5,
+        }),
+    )
+}
+
+/// RFC 8628 §3.5: the next scripted answer to a poll.
+fn device_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Response {
+    if params.get("device_code").map(String::as_str) != Some(DEVICE_CODE) {
+        return oauth_error(400, "bad_verification_code", None);
+    }
+    let mut inner = lock(&state.0.inner);
+    let step = inner
+        .device_polls
+        .min(inner.device_script.len().saturating_sub(1));
+    inner.device_polls += 1;
+    let answer = inner.device_script.get(step).cloned().unwrap_or_default();
+    if answer != "ok" {
+        return oauth_error(400, &answer, None);
+    }
+    let expires_in = inner.expires_in;
+    let access = state.mint(
+        &mut inner,
+        "device@example.com",
+        Duration::from_secs(expires_in),
+    );
+    Response::json(
+        200,
+        &json!({
+            "access_token": access,
+            "expires_in": expires_in,
+            "refresh_token": format!("1//0g{}", random_urlsafe(98)),
+            "scope": SCOPE,
             "token_type": "Bearer",
         }),
     )

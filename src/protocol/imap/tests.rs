@@ -2,7 +2,7 @@
 //! grammar corners of LOGIN/AUTHENTICATE, run against the state machines without sockets.
 
 use super::*;
-use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent};
+use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent, WORDS};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -267,7 +267,7 @@ fn failed_login_resumes_with_the_next_pipelined_command() {
     let mut s = session();
     let out = run(&mut s, b"a1 LOGIN alice@gmail.com wrong\r\na2 NOOP\r\n");
     assert!(login_of(&s, &out).is_some());
-    s.login_failed(&Failure::BadCredentials);
+    s.login_failed(&Failure::BadCredentials, &WORDS);
     assert_eq!(s.login_tag(), None);
     let out: Vec<_> = std::iter::from_fn(|| s.next_action()).collect();
     assert_eq!(
@@ -292,7 +292,7 @@ fn every_failure_class_is_answered_with_its_response_code_under_the_login_tag() 
     for (failure, want) in every_failure(refusal).iter().zip(expected) {
         let mut s = session();
         run(&mut s, format!("x7 AUTHENTICATE PLAIN {PL}\r\n").as_bytes());
-        s.login_failed(failure);
+        s.login_failed(failure, &WORDS);
         assert_eq!(sent(&run(&mut s, b"")), want, "{failure:?}");
     }
 }

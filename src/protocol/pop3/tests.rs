@@ -1,7 +1,7 @@
 //! Byte-exact transcripts for POP3 (protocol-facts.md §7.3), without sockets.
 
 use super::*;
-use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent};
+use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent, WORDS};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -94,7 +94,7 @@ fn every_failure_class_is_answered_with_its_response_code() {
     for (failure, want) in every_failure(refusal).iter().zip(expected) {
         let mut s = session(false);
         run(&mut s, b"USER alice@gmail.com\r\nPASS local-secret\r\n");
-        s.login_failed(failure);
+        s.login_failed(failure, &WORDS);
         assert_eq!(sent(&run(&mut s, b"")), want, "{failure:?}");
         // USER is needed again.
         assert_eq!(

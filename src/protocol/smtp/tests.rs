@@ -1,7 +1,7 @@
 //! Byte-exact transcripts for SMTP (protocol-facts.md §7.2), without sockets.
 
 use super::*;
-use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent};
+use crate::protocol::testkit::{every_failure, run, sent, up_run, up_sent, WORDS};
 
 const XO: &str = "dXNlcj1hbGljZUBnbWFpbC5jb20BYXV0aD1CZWFyZXIgeWEyOS5hMEFmQl9FWEFNUExFAQE=";
 const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
@@ -311,7 +311,7 @@ fn every_failure_class_is_535_or_454_or_upstreams_own_reply() {
     for (failure, want) in every_failure(refusal).iter().zip(expected) {
         let mut s = greeted(false);
         run(&mut s, format!("AUTH PLAIN {PL}\r\n").as_bytes());
-        s.login_failed(failure);
+        s.login_failed(failure, &WORDS);
         assert_eq!(sent(&run(&mut s, b"")), want, "{failure:?}");
         // The session takes commands again.
         assert_eq!(sent(&run(&mut s, b"NOOP\r\n")), "250 2.0.0 OK\r\n");
@@ -322,9 +322,12 @@ fn every_failure_class_is_535_or_454_or_upstreams_own_reply() {
 fn failure_replies_stay_one_line_within_512_octets() {
     let mut s = greeted(false);
     run(&mut s, format!("AUTH PLAIN {PL}\r\n").as_bytes());
-    s.login_failed(&Failure::Temporary {
-        detail: format!("a\r\nb{}", "x".repeat(600)),
-    });
+    s.login_failed(
+        &Failure::Temporary {
+            detail: format!("a\r\nb{}", "x".repeat(600)),
+        },
+        &WORDS,
+    );
     let reply = sent(&run(&mut s, b""));
     assert!(reply.len() <= 512, "{}", reply.len());
     assert!(reply.starts_with("454 4.7.0 Gmail cannot be reached right now (abxxx"));
