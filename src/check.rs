@@ -6,13 +6,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 use xoauth2_proxy::clock::format_age;
 use xoauth2_proxy::config::{Config, ListenerConfig, Protocol, StoreKind, UpstreamTls};
 use xoauth2_proxy::oauth::TokenManager;
+use xoauth2_proxy::protocol::{imap, pop3, smtp, Failure, UpOutcome};
 use xoauth2_proxy::proxy::stream::Stream;
+use xoauth2_proxy::proxy::{upstream, KnownCapabilities, ListenerCtx};
 use xoauth2_proxy::registry::Registry;
+use xoauth2_proxy::secret::Secret;
 use xoauth2_proxy::store::Store;
 
 const TOKEN_WAIT: Duration = Duration::from_secs(30);
@@ -70,7 +73,7 @@ pub async fn run(path: &Path) -> (usize, usize) {
             l.bind,
             l.upstream()
         );
-        match tokio::time::timeout(UPSTREAM_WAIT, probe(l)).await {
+        match tokio::time::timeout(UPSTREAM_WAIT + Duration::from_secs(1), probe(l)).await {
             Ok(Ok(greeting)) => report.ok(&name, greeting),
             Ok(Err(e)) => report.fail(&name, e),
             Err(_) => report.fail(
@@ -153,91 +156,61 @@ impl Report {
     }
 }
 
-/// Connect to the listener's upstream the way `serve` does and return its greeting.
+/// Reach the listener's upstream with the connection code and protocol machines `serve` uses,
+/// up to where a login would begin (TLS or STARTTLS included), and say what it answered.
 async fn probe(l: &ListenerConfig) -> Result<String, String> {
-    let target = l.upstream();
-    let tls = xoauth2_proxy::tls::client_config(l.upstream_ca.as_deref())?;
-    let tcp = TcpStream::connect((l.upstream_host.as_str(), l.upstream_port))
-        .await
-        .map_err(|e| format!("cannot connect to {target}: {e}"))?;
-    let tls_failed = |e: std::io::Error| {
-        format!("TLS with {target} failed: {e} (check upstream_tls, upstream and upstream_ca)")
+    let upstream_tls = xoauth2_proxy::tls::client_config(l.upstream_ca.as_deref())?;
+    let ctx = ListenerCtx {
+        config: l.clone(),
+        server_tls: None,
+        upstream_tls,
+        upstream_capabilities: KnownCapabilities::default(),
     };
-    match l.upstream_tls {
-        UpstreamTls::Implicit => {
-            let mut s = Stream::connect_tls(tcp, tls, &l.upstream_host)
-                .await
-                .map_err(tls_failed)?;
-            let greeting = greeting(&mut s, l.protocol).await?;
-            quit(&mut s, l.protocol).await;
-            Ok(format!("TLS, greeting {}", printable(&greeting)))
+    let deadline = Instant::now() + UPSTREAM_WAIT;
+    let starttls = l.upstream_tls == UpstreamTls::Starttls;
+    let how = if starttls { "STARTTLS" } else { "TLS" };
+    let failed = |f: Failure| match f {
+        Failure::Temporary { detail } => {
+            format!("{detail} (check upstream, upstream_tls and upstream_ca)")
         }
-        UpstreamTls::Starttls => {
-            let mut s = Stream::Plain(tcp);
-            let greeting = greeting(&mut s, l.protocol).await?;
-            match l.protocol {
-                Protocol::Imap => {
-                    send(&mut s, b"x1 STARTTLS\r\n").await?;
-                    let reply = loop {
-                        let line = read_line(&mut s).await?;
-                        if line.starts_with("x1 ") {
-                            break line;
-                        }
-                    };
-                    expect(&reply, "x1 OK", "STARTTLS")?;
-                }
-                Protocol::Smtp => {
-                    send(&mut s, b"EHLO localhost\r\n").await?;
-                    expect(&smtp_reply(&mut s).await?, "250", "EHLO")?;
-                    send(&mut s, b"STARTTLS\r\n").await?;
-                    expect(&smtp_reply(&mut s).await?, "220", "STARTTLS")?;
-                }
-                Protocol::Pop3 => {
-                    send(&mut s, b"STLS\r\n").await?;
-                    expect(&read_line(&mut s).await?, "+OK", "STLS")?;
-                }
-            }
-            let mut s = s
-                .upgrade_client(tls, &l.upstream_host)
-                .await
-                .map_err(tls_failed)?;
-            if l.protocol == Protocol::Smtp {
-                send(&mut s, b"EHLO localhost\r\n").await?;
-                expect(&smtp_reply(&mut s).await?, "250", "EHLO after STARTTLS")?;
-            }
-            quit(&mut s, l.protocol).await;
-            Ok(format!("STARTTLS, greeting {}", printable(&greeting)))
-        }
-    }
-}
-
-async fn greeting(s: &mut Stream, protocol: Protocol) -> Result<String, String> {
-    let (line, ok) = match protocol {
+        other => format!("{other:?}"),
+    };
+    let stream = upstream::connect(&ctx, deadline).await.map_err(failed)?;
+    let (mut stream, outcome) = match l.protocol {
         Protocol::Imap => {
-            let line = read_line(s).await?;
-            let ok = line.starts_with("* OK") || line.starts_with("* PREAUTH");
-            (line, ok)
+            let mut m = imap::UpstreamLogin::probe(starttls);
+            upstream::exchange(&ctx, stream, &mut m, deadline).await
         }
         Protocol::Smtp => {
-            let line = smtp_reply(s).await?;
-            let ok = line.starts_with("220");
-            (line, ok)
+            let mut m = smtp::UpstreamHello::new("localhost", starttls, true);
+            upstream::exchange(&ctx, stream, &mut m, deadline).await
         }
         Protocol::Pop3 => {
-            let line = read_line(s).await?;
-            let ok = line.starts_with("+OK");
-            (line, ok)
+            let mut m = pop3::UpstreamPop::new(
+                pop3::Goal::Capa,
+                Secret::new(String::new()),
+                starttls,
+                true,
+            );
+            upstream::exchange(&ctx, stream, &mut m, deadline).await
         }
-    };
-    if ok {
-        Ok(line)
-    } else {
-        Err(format!(
-            "unexpected greeting {:?}: is this a {} server?",
-            printable(&line),
-            protocol.name()
-        ))
     }
+    .map_err(failed)?;
+    let answer = match outcome {
+        UpOutcome::Success { relay, .. } => relay,
+        UpOutcome::Failed(why) => {
+            return Err(format!("{why}: is this a {} server?", l.protocol.name()))
+        }
+        UpOutcome::Rejected { line, .. } => return Err(printable(&line)),
+    };
+    quit(&mut stream, l.protocol).await;
+    let first = String::from_utf8_lossy(&answer);
+    let first = first.lines().next().unwrap_or_default().to_string();
+    Ok(match l.protocol {
+        Protocol::Imap => format!("{how}, greeting {}", printable(&first)),
+        Protocol::Smtp => format!("{how}, EHLO answered {}", printable(&first)),
+        Protocol::Pop3 => format!("{how}, CAPA answered {}", printable(&first)),
+    })
 }
 
 async fn quit(s: &mut Stream, protocol: Protocol) {
@@ -250,48 +223,6 @@ async fn quit(s: &mut Stream, protocol: Protocol) {
         let _ = s.shutdown().await;
     })
     .await;
-}
-
-fn expect(line: &str, prefix: &str, step: &str) -> Result<(), String> {
-    if line.starts_with(prefix) {
-        Ok(())
-    } else {
-        Err(format!("{step} refused: {}", printable(line)))
-    }
-}
-
-async fn send(s: &mut Stream, bytes: &[u8]) -> Result<(), String> {
-    s.write_all(bytes)
-        .await
-        .map_err(|e| format!("connection failed: {e}"))
-}
-
-/// One line, without its line end (at most 4 KiB).
-async fn read_line(s: &mut Stream) -> Result<String, String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 4096 {
-        match s.read(&mut byte).await {
-            Ok(0) => return Err("the server closed the connection".into()),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) => return Err(format!("connection failed: {e}")),
-        }
-    }
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
-/// An SMTP reply's last line (continuation lines have `-` after the code).
-async fn smtp_reply(s: &mut Stream) -> Result<String, String> {
-    loop {
-        let line = read_line(s).await?;
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return Ok(line);
-        }
-    }
 }
 
 fn printable(s: &str) -> String {

@@ -234,6 +234,8 @@ pub struct GoogleConfig {
 pub struct AccountConfig {
     /// As written in the config; compare with `key()`.
     pub email: String,
+    /// The email normalized, made once here.
+    key: AccountKey,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub service_account_key: Option<PathBuf>,
@@ -242,7 +244,7 @@ pub struct AccountConfig {
 impl AccountConfig {
     /// The case-insensitive identity used for lookups and in the store.
     pub fn key(&self) -> AccountKey {
-        AccountKey::new(&self.email)
+        self.key.clone()
     }
 }
 
@@ -558,6 +560,7 @@ fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, Conf
             return Err(cx.invalid(format!("[[account]] {email} is listed twice")));
         }
         accounts.push(AccountConfig {
+            key: AccountKey::new(&email),
             email,
             client_id: a.client_id.clone().filter(|s| !s.trim().is_empty()),
             client_secret: a.client_secret.clone().filter(|s| !s.is_empty()),

@@ -62,6 +62,9 @@ pub fn report(
                 if let Err(e) = crate::oauth::service_account::ServiceAccount::load(path) {
                     attention.push(e);
                 }
+                attention.extend(crate::oauth::service_account::ServiceAccount::exposure(
+                    path,
+                ));
                 CredentialKind::ServiceAccount
             } else if secrets.is_some_and(|s| s.refresh_token.is_some()) {
                 CredentialKind::Authorized

@@ -480,6 +480,11 @@ impl TokenManager {
             if let Some(why) = unusable {
                 tracing::warn!(account = %acct.email, "this account cannot get tokens: {why}");
             }
+            if let Source::ServiceAccount { path, .. } = &acct.source {
+                if let Some(why) = ServiceAccount::exposure(path) {
+                    tracing::warn!(account = %acct.email, "{why}");
+                }
+            }
         }
         shared.publish_status();
         tokio::spawn(async move {

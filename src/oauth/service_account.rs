@@ -56,6 +56,20 @@ const HOW_TO_GET_A_KEY: &str = "download a JSON key in Google Cloud console: IAM
 
 impl ServiceAccount {
     /// Read and check a JSON key file.
+    /// What is wrong with who may read the key file, if anything: the key signs tokens for
+    /// every mailbox of the Workspace domain.
+    pub fn exposure(path: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(path).ok()?.mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "the service account key {} can be read by group or others (mode {mode:o}): it signs tokens for every mailbox of the domain; run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            )
+        })
+    }
+
     pub fn load(path: &Path) -> Result<ServiceAccount, String> {
         let text = Secret::new(std::fs::read_to_string(path).map_err(|e| {
             format!(
@@ -310,5 +324,22 @@ mod tests {
             panic!("not a client error")
         };
         assert!(text.contains("alice@corp.example is a user"), "{text}");
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_reported_with_the_chmod() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("sa.json");
+        std::fs::write(&path, "{}").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(ServiceAccount::exposure(&path), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = ServiceAccount::exposure(&path).unwrap();
+        assert!(text.contains("mode 644"), "{text}");
+        assert!(
+            text.contains(&format!("chmod 600 {}", path.display())),
+            "{text}"
+        );
     }
 }

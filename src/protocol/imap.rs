@@ -752,6 +752,9 @@ pub struct UpstreamLogin {
     tag: String,
     xoauth2: Secret,
     starttls: bool,
+    /// Stop where the login would begin (`check`): the outcome relays the greeting.
+    probe: bool,
+    greeting: Vec<u8>,
     sasl_ir: bool,
     state: UpState,
     buf: Input,
@@ -794,11 +797,22 @@ impl UpstreamLogin {
             tag: tag.to_string(),
             xoauth2,
             starttls,
+            probe: false,
+            greeting: Vec::new(),
             sasl_ir: true,
             state: UpState::Greeting,
             buf: Input::default(),
             untagged: Vec::new(),
             out: VecDeque::new(),
+        }
+    }
+
+    /// The same exchange up to the point where a login would start (greeting, STARTTLS):
+    /// `check` reaches every upstream with the machine `serve` uses. Succeeds with the greeting.
+    pub fn probe(starttls: bool) -> Self {
+        UpstreamLogin {
+            probe: true,
+            ..UpstreamLogin::new("P1", Secret::new(String::new()), starttls)
         }
     }
 
@@ -819,6 +833,13 @@ impl UpstreamLogin {
     }
 
     fn authenticate(&mut self) {
+        if self.probe {
+            let relay = std::mem::take(&mut self.greeting);
+            return self.done(UpOutcome::Success {
+                relay,
+                leftover: Vec::new(),
+            });
+        }
         let line = if self.sasl_ir {
             format!(
                 "{} AUTHENTICATE XOAUTH2 {}\r\n",
@@ -865,6 +886,7 @@ impl UpstreamLogin {
         match &mut self.state {
             UpState::Greeting => {
                 if starts_with_ci(text, b"* OK") {
+                    self.greeting = line.clone();
                     if let Some(caps) = bracket_capabilities(text) {
                         self.sasl_ir = caps.iter().any(|c| c.eq_ignore_ascii_case("SASL-IR"));
                     }

@@ -7,7 +7,7 @@ use super::login::Failure;
 use super::session::Dialect;
 use super::upstream::{self, Upstream};
 use super::Conn;
-use crate::config::UpstreamTls;
+use crate::config::{AccountConfig, UpstreamTls};
 use crate::oauth::AccessToken;
 use crate::protocol::imap::{ClientSession, Limits, SessionOptions, UpstreamLogin};
 
@@ -39,19 +39,19 @@ impl Dialect for Imap {
         &self,
         conn: &Conn,
         session: &ClientSession,
-        email: &str,
+        account: &AccountConfig,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
         let slot = conn
             .app
-            .imap_slot(&crate::account::AccountKey::new(email))
+            .imap_slot(&account.key())
             .ok_or_else(|| Failure::TooManySessions {
-                email: email.to_string(),
+                email: account.email.clone(),
                 limit: conn.app.config.limits.imap_connections_per_account,
             })?;
         let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
         let tag = session.login_tag().unwrap_or(FALLBACK_TAG);
-        let mut up = upstream::login(conn, email, token, |xo| {
+        let mut up = upstream::login(conn, account, token, |xo| {
             UpstreamLogin::new(tag, xo, starttls)
         })
         .await?;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::accounts::LocalAuthError;
+use crate::config::AccountConfig;
 use crate::oauth::{AccessToken, TokenError};
 pub use crate::protocol::failure::Failure;
 use crate::protocol::Credentials;
@@ -21,12 +22,12 @@ impl From<TokenError> for Failure {
     }
 }
 
-/// Check the local password and get a token. Returns the account's configured email.
+/// Check the local password and get a token for the account it opens.
 /// The password is checked at once; only the answer to a wrong one waits (see `throttle`).
-pub async fn authorize(
-    conn: &Conn,
+pub async fn authorize<'c>(
+    conn: &'c Conn,
     credentials: &Credentials,
-) -> Result<(String, Arc<AccessToken>), Failure> {
+) -> Result<(&'c AccountConfig, Arc<AccessToken>), Failure> {
     let app = &conn.app;
     let source = conn.peer.ip();
     let verified = app
@@ -56,15 +57,15 @@ pub async fn authorize(
             return Err(Failure::Temporary { detail });
         }
     };
-    let email = app
-        .registry
-        .account(&key)
-        .map_or_else(|| key.to_string(), |a| a.email.clone());
+    let Some(account) = app.registry.account(&key) else {
+        // A verified password belongs to a configured account; anything else is a bug.
+        return Err(Failure::BadCredentials);
+    };
     let token = app.tokens.get(&key).await.map_err(|e| {
-        tracing::warn!(account = %email, peer = %conn.peer, error = %e, "login failed: no access token");
+        tracing::warn!(account = %account.email, peer = %conn.peer, error = %e, "login failed: no access token");
         Failure::from(e)
     })?;
-    Ok((email, token))
+    Ok((account, token))
 }
 
 /// A username for a log line: a configured account as configured; anything else only as a

@@ -11,7 +11,7 @@ use super::session::Dialect;
 use super::stream::Stream;
 use super::upstream::{self, exchange, Upstream};
 use super::Conn;
-use crate::config::UpstreamTls;
+use crate::config::{AccountConfig, UpstreamTls};
 use crate::oauth::AccessToken;
 use crate::protocol::pop3::{ClientSession, Goal, SessionOptions, UpstreamPop};
 use crate::protocol::UpOutcome;
@@ -22,14 +22,14 @@ pub struct Pop3;
 /// A new upstream connection for the login, and whether its greeting (and STLS) is still to
 /// come. When the listener has not seen upstream's CAPA yet, it is asked for on the way.
 async fn connect(conn: &Conn, deadline: Instant) -> Result<(Stream, bool), Failure> {
-    let stream = upstream::connect(conn, deadline).await?;
+    let stream = upstream::connect(&conn.ctx, deadline).await?;
     let known = &conn.ctx.upstream_capabilities;
     if known.get().is_some() {
         return Ok((stream, true));
     }
     let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
     let mut machine = UpstreamPop::new(Goal::Capa, Secret::default(), starttls, true);
-    match exchange(conn, stream, &mut machine, deadline).await? {
+    match exchange(&conn.ctx, stream, &mut machine, deadline).await? {
         (s, UpOutcome::Success { relay, .. }) => {
             known.set(UpstreamPop::lines(&relay));
             Ok((s, false))
@@ -37,7 +37,7 @@ async fn connect(conn: &Conn, deadline: Instant) -> Result<(Stream, bool), Failu
         // A server without CAPA: log in on a connection in a known state.
         (_, other) => {
             tracing::debug!(peer = %conn.peer, outcome = ?other, "upstream CAPA failed");
-            Ok((upstream::connect(conn, deadline).await?, true))
+            Ok((upstream::connect(&conn.ctx, deadline).await?, true))
         }
     }
 }
@@ -65,7 +65,7 @@ impl Dialect for Pop3 {
         &self,
         conn: &Conn,
         _session: &ClientSession,
-        email: &str,
+        account: &AccountConfig,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
         let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
@@ -74,7 +74,7 @@ impl Dialect for Pop3 {
         upstream::authenticate(
             conn,
             stream,
-            email,
+            account,
             token,
             |xo| UpstreamPop::new(Goal::Auth, xo, starttls, fresh),
             deadline,

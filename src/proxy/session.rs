@@ -14,7 +14,7 @@ use super::login::{self, Failure};
 use super::stream::Stream;
 use super::upstream::Upstream;
 use super::{splice, Conn};
-use crate::config::LocalTls;
+use crate::config::{AccountConfig, LocalTls};
 use crate::oauth::AccessToken;
 use crate::protocol::{ClientAction, ClientSession};
 
@@ -39,7 +39,7 @@ pub(crate) trait Dialect: Send {
         &self,
         conn: &Conn,
         session: &Self::Session,
-        email: &str,
+        account: &AccountConfig,
         token: Arc<AccessToken>,
     ) -> impl Future<Output = Result<Upstream, Failure>> + Send;
 }
@@ -114,9 +114,9 @@ async fn log_in<D: Dialect>(
                 }
                 ClientAction::Login { credentials } => {
                     let result = async {
-                        let (email, token) = login::authorize(conn, &credentials).await?;
-                        let up = dialect.login(conn, &session, &email, token).await?;
-                        Ok::<_, Failure>((email, up))
+                        let (account, token) = login::authorize(conn, &credentials).await?;
+                        let up = dialect.login(conn, &session, account, token).await?;
+                        Ok::<_, Failure>((account.email.clone(), up))
                     };
                     match timeout_at(deadline, result).await {
                         Err(_) => return timed_out(&dialect, &mut client).await,

@@ -12,7 +12,7 @@ use super::session::Dialect;
 use super::stream::Stream;
 use super::upstream::{self, exchange, Upstream};
 use super::Conn;
-use crate::config::UpstreamTls;
+use crate::config::{AccountConfig, UpstreamTls};
 use crate::oauth::AccessToken;
 use crate::protocol::smtp::{ClientSession, SessionOptions, UpstreamAuth, UpstreamHello};
 use crate::protocol::UpOutcome;
@@ -25,13 +25,13 @@ const FALLBACK_DOMAIN: &str = "localhost";
 /// Greet upstream on a new connection (banner, EHLO, STARTTLS and EHLO again when
 /// configured) and note its extensions for the listener's next EHLO answers.
 async fn hello(conn: &Conn, domain: &str, deadline: Instant) -> Result<Stream, Failure> {
-    let stream = upstream::connect(conn, deadline).await?;
+    let stream = upstream::connect(&conn.ctx, deadline).await?;
     let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
     let mut machine = UpstreamHello::new(domain, starttls, true);
     let temporary = |why: String| Failure::Temporary {
         detail: format!("{}: {why}", conn.ctx.config.upstream()),
     };
-    match exchange(conn, stream, &mut machine, deadline).await? {
+    match exchange(&conn.ctx, stream, &mut machine, deadline).await? {
         (s, UpOutcome::Success { relay, .. }) => {
             let lines = UpstreamHello::lines(&relay);
             conn.ctx
@@ -67,12 +67,12 @@ impl Dialect for Smtp {
         &self,
         conn: &Conn,
         session: &ClientSession,
-        email: &str,
+        account: &AccountConfig,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
         let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
         let domain = session.hello_domain().unwrap_or(FALLBACK_DOMAIN);
         let stream = hello(conn, domain, deadline).await?;
-        upstream::authenticate(conn, stream, email, token, UpstreamAuth::new, deadline).await
+        upstream::authenticate(conn, stream, account, token, UpstreamAuth::new, deadline).await
     }
 }

@@ -10,8 +10,8 @@ use tokio::time::{timeout_at, Instant};
 
 use super::login::Failure;
 use super::stream::Stream;
-use super::Conn;
-use crate::config::UpstreamTls;
+use super::{Conn, ListenerCtx};
+use crate::config::{AccountConfig, UpstreamTls};
 use crate::oauth::AccessToken;
 use crate::protocol::sasl::xoauth2;
 use crate::protocol::{UpAction, UpOutcome, UpstreamMachine};
@@ -33,8 +33,8 @@ fn temporary(detail: String) -> Failure {
 }
 
 /// TCP (and for implicit TLS, the handshake) to the listener's upstream.
-pub async fn connect(conn: &Conn, deadline: Instant) -> Result<Stream, Failure> {
-    let cfg = &conn.ctx.config;
+pub async fn connect(ctx: &ListenerCtx, deadline: Instant) -> Result<Stream, Failure> {
+    let cfg = &ctx.config;
     let target = cfg.upstream();
     let tcp = timeout_at(
         deadline,
@@ -47,7 +47,7 @@ pub async fn connect(conn: &Conn, deadline: Instant) -> Result<Stream, Failure> 
     match cfg.upstream_tls {
         UpstreamTls::Implicit => timeout_at(
             deadline,
-            Stream::connect_tls(tcp, conn.ctx.upstream_tls.clone(), &cfg.upstream_host),
+            Stream::connect_tls(tcp, ctx.upstream_tls.clone(), &cfg.upstream_host),
         )
         .await
         .map_err(|_| temporary(format!("TLS handshake with {target} timed out")))?
@@ -58,12 +58,13 @@ pub async fn connect(conn: &Conn, deadline: Instant) -> Result<Stream, Failure> 
 
 /// Run `machine` over `stream` until it reports an outcome.
 pub async fn exchange<M: UpstreamMachine>(
-    conn: &Conn,
+    ctx: &ListenerCtx,
     mut stream: Stream,
     machine: &mut M,
     deadline: Instant,
 ) -> Result<(Stream, UpOutcome), Failure> {
-    let target = conn.ctx.config.upstream();
+    let target = ctx.config.upstream();
+    let wait = deadline.saturating_duration_since(Instant::now());
     let mut buf = vec![0u8; 8192];
     loop {
         while let Some(action) = machine.next_action() {
@@ -77,10 +78,7 @@ pub async fn exchange<M: UpstreamMachine>(
                 UpAction::StartTls => {
                     stream = timeout_at(
                         deadline,
-                        stream.upgrade_client(
-                            conn.ctx.upstream_tls.clone(),
-                            &conn.ctx.config.upstream_host,
-                        ),
+                        stream.upgrade_client(ctx.upstream_tls.clone(), &ctx.config.upstream_host),
                     )
                     .await
                     .map_err(|_| temporary(format!("STARTTLS with {target} timed out")))?
@@ -92,12 +90,7 @@ pub async fn exchange<M: UpstreamMachine>(
         }
         let n = timeout_at(deadline, stream.read(&mut buf))
             .await
-            .map_err(|_| {
-                temporary(format!(
-                    "{target} did not answer within {}s",
-                    secs(conn.app.config.limits.upstream_timeout)
-                ))
-            })?
+            .map_err(|_| temporary(format!("{target} did not answer within {}s", secs(wait))))?
             .map_err(|e| temporary(format!("connection to {target} failed: {e}")))?;
         if n == 0 {
             return Err(temporary(format!("{target} closed the connection")));
@@ -106,16 +99,16 @@ pub async fn exchange<M: UpstreamMachine>(
     }
 }
 
-/// Connect and log in upstream as `email` with `token`.
+/// Connect and log in upstream as the account with `token`.
 pub async fn login<M: UpstreamMachine>(
     conn: &Conn,
-    email: &str,
+    account: &AccountConfig,
     token: Arc<AccessToken>,
     make: impl FnOnce(Secret) -> M,
 ) -> Result<Upstream, Failure> {
     let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
-    let stream = connect(conn, deadline).await?;
-    authenticate(conn, stream, email, token, make, deadline).await
+    let stream = connect(&conn.ctx, deadline).await?;
+    authenticate(conn, stream, account, token, make, deadline).await
 }
 
 /// Log in on an open upstream connection; on a token rejection, refresh once and retry on the
@@ -123,18 +116,18 @@ pub async fn login<M: UpstreamMachine>(
 pub async fn authenticate<M: UpstreamMachine>(
     conn: &Conn,
     mut stream: Stream,
-    email: &str,
+    account: &AccountConfig,
     mut token: Arc<AccessToken>,
     make: impl FnOnce(Secret) -> M,
     deadline: Instant,
 ) -> Result<Upstream, Failure> {
     let app = &conn.app;
-    let key = crate::account::AccountKey::new(email);
+    let (key, email) = (account.key(), account.email.as_str());
     let target = conn.ctx.config.upstream();
     let mut machine = make(xoauth2(email, &token.token));
     let mut retried = false;
     loop {
-        let (s, outcome) = exchange(conn, stream, &mut machine, deadline).await?;
+        let (s, outcome) = exchange(&conn.ctx, stream, &mut machine, deadline).await?;
         stream = s;
         match outcome {
             UpOutcome::Success { relay, leftover } => {

@@ -485,6 +485,27 @@ fn upstream_starttls_comes_before_authenticate() {
 }
 
 #[test]
+fn a_probe_stops_where_the_login_would_start_and_relays_the_greeting() {
+    let mut u = UpstreamLogin::probe(true);
+    let out = up_run(&mut u, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n");
+    assert_eq!(up_sent(&out), "P0 STARTTLS\r\n");
+    assert_eq!(up_run(&mut u, b"P0 OK go\r\n"), vec![UpAction::StartTls]);
+    u.tls_established();
+    let out: Vec<_> = std::iter::from_fn(|| u.next_action()).collect();
+    assert_eq!(
+        out,
+        vec![UpAction::Done(UpOutcome::Success {
+            relay: b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n".to_vec(),
+            leftover: Vec::new(),
+        })]
+    );
+    // Gmail's PREAUTH is not a greeting serve can log in after; neither can check.
+    let mut u = UpstreamLogin::probe(false);
+    let out = up_run(&mut u, b"* PREAUTH welcome\r\n");
+    assert!(matches!(&out[..], [UpAction::Done(UpOutcome::Failed(m))] if m.contains("PREAUTH")));
+}
+
+#[test]
 fn upstream_bye_and_bad_greeting_are_failures() {
     let mut u = UpstreamLogin::new("a1", Secret::new(XO), false);
     let out = up_run(&mut u, b"* BYE Too many connections\r\n");
