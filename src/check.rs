@@ -208,8 +208,8 @@ async fn probe(l: &ListenerConfig) -> Result<String, String> {
     let first = first.lines().next().unwrap_or_default().to_string();
     Ok(match l.protocol {
         Protocol::Imap => format!("{how}, greeting {}", printable(&first)),
-        Protocol::Smtp => format!("{how}, EHLO answered {}", printable(&first)),
-        Protocol::Pop3 => format!("{how}, CAPA answered {}", printable(&first)),
+        Protocol::Smtp => format!("{how}, greeting and EHLO answered: {}", printable(&first)),
+        Protocol::Pop3 => format!("{how}, greeting and CAPA answered: {}", printable(&first)),
     })
 }
 
