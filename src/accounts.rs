@@ -172,19 +172,35 @@ mod tests {
     use crate::config::Config;
     use crate::registry::add_password;
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn concurrent_logins_with_a_new_password_share_one_argon2_run() {
+    /// A checker over these accounts with this many passwords each; the passwords in order.
+    fn checker(accounts: &[(&str, usize)]) -> (tempfile::TempDir, Arc<Accounts>, Vec<Secret>) {
         let tmp = tempfile::tempdir().unwrap();
+        let text: String = accounts
+            .iter()
+            .map(|(email, _)| format!("[[account]]\nemail = \"{email}\"\n"))
+            .collect();
         let config = Config::parse(
-            "state_dir = \"state\"\n[[account]]\nemail = \"alice@x.com\"\n",
+            &format!("state_dir = \"state\"\n{text}"),
             &tmp.path().join("config.toml"),
         )
         .unwrap();
         let store = crate::store::Store::open(&config.state_dir, &config.store).unwrap();
-        let alice = AccountKey::new("alice@x.com");
-        let pw = add_password(&store, &alice, "laptop").unwrap();
+        let mut issued = Vec::new();
+        for (email, n) in accounts {
+            for i in 0..*n {
+                let key = AccountKey::new(email);
+                issued.push(add_password(&store, &key, &format!("l{i}")).unwrap());
+            }
+        }
         let registry = Arc::new(Registry::new(&config, store).unwrap());
-        let accounts = Arc::new(Accounts::new(registry).unwrap());
+        (tmp, Arc::new(Accounts::new(registry).unwrap()), issued)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_logins_with_a_new_password_share_one_argon2_run() {
+        let alice = AccountKey::new("alice@x.com");
+        let (_tmp, accounts, issued) = checker(&[("alice@x.com", 1)]);
+        let pw = issued[0].clone();
         let logins: Vec<_> = (0..20)
             .map(|_| {
                 let (a, pw) = (accounts.clone(), pw.clone());
@@ -211,22 +227,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_wrong_password_costs_one_argon2_run_whatever_the_number_of_passwords() {
-        let tmp = tempfile::tempdir().unwrap();
-        let config = Config::parse(
-            "state_dir = \"state\"\n[[account]]\nemail = \"p0@x.com\"\n[[account]]\nemail = \"p1@x.com\"\n[[account]]\nemail = \"p2@x.com\"\n[[account]]\nemail = \"p5@x.com\"\n",
-            &tmp.path().join("config.toml"),
-        )
-        .unwrap();
-        let store = crate::store::Store::open(&config.state_dir, &config.store).unwrap();
-        let mut issued = Vec::new();
-        for (email, n) in [("p1@x.com", 1), ("p2@x.com", 2), ("p5@x.com", 5)] {
-            for i in 0..n {
-                issued
-                    .push(add_password(&store, &AccountKey::new(email), &format!("l{i}")).unwrap());
-            }
-        }
-        let registry = Arc::new(Registry::new(&config, store).unwrap());
-        let accounts = Arc::new(Accounts::new(registry).unwrap());
+        let (_tmp, accounts, issued) = checker(&[
+            ("p0@x.com", 0),
+            ("p1@x.com", 1),
+            ("p2@x.com", 2),
+            ("p5@x.com", 5),
+        ]);
         let (other, _) = password::generate().unwrap();
         // A wrong password of the current format naming an existing hash, and the last
         // characters of a real password swapped.

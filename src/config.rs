@@ -571,6 +571,11 @@ fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, Conf
     Ok(accounts)
 }
 
+/// A `*_secs` key as a duration, or the default.
+fn secs_or(secs: Option<u64>, default: Duration) -> Duration {
+    secs.map_or(default, Duration::from_secs)
+}
+
 fn limits(raw: &RawLimits, cx: &Context) -> Result<Limits, ConfigError> {
     // Zero would close every connection before its greeting: surely not what was meant.
     if raw.preauth_timeout_secs == Some(0) {
@@ -581,18 +586,9 @@ fn limits(raw: &RawLimits, cx: &Context) -> Result<Limits, ConfigError> {
     let d = Limits::default();
     let limits = Limits {
         max_connections: raw.max_connections.unwrap_or(d.max_connections).max(1),
-        preauth_timeout: raw
-            .preauth_timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(d.preauth_timeout),
-        upstream_timeout: raw
-            .upstream_timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(d.upstream_timeout),
-        shutdown_grace: raw
-            .shutdown_grace_secs
-            .map(Duration::from_secs)
-            .unwrap_or(d.shutdown_grace),
+        preauth_timeout: secs_or(raw.preauth_timeout_secs, d.preauth_timeout),
+        upstream_timeout: secs_or(raw.upstream_timeout_secs, d.upstream_timeout),
+        shutdown_grace: secs_or(raw.shutdown_grace_secs, d.shutdown_grace),
         imap_connections_per_account: raw
             .imap_connections_per_account
             .unwrap_or(d.imap_connections_per_account)

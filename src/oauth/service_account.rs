@@ -306,11 +306,12 @@ mod tests {
             code: "unauthorized_client".into(),
             description: Some("Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.".into()),
         };
-        let GrantError::Client(text) =
-            sa.refusal(&r, "alice@corp.example", "https://mail.google.com/")
-        else {
-            panic!("not a client error")
-        };
+        let client_error =
+            |r: &Refusal| match sa.refusal(r, "alice@corp.example", "https://mail.google.com/") {
+                GrantError::Client(text) => text,
+                other => panic!("not a client error: {other:?}"),
+            };
+        let text = client_error(&r);
         assert!(text.contains("Manage domain-wide delegation"), "{text}");
         assert!(text.contains("1234567890"), "{text}");
         let r = Refusal {
@@ -318,11 +319,7 @@ mod tests {
             code: "invalid_grant".into(),
             description: Some("Invalid email or User ID".into()),
         };
-        let GrantError::Client(text) =
-            sa.refusal(&r, "alice@corp.example", "https://mail.google.com/")
-        else {
-            panic!("not a client error")
-        };
+        let text = client_error(&r);
         assert!(text.contains("alice@corp.example is a user"), "{text}");
     }
 

@@ -206,14 +206,6 @@ impl ClientSession {
         self.state = State::Command;
     }
 
-    fn close_with(&mut self, line: &str) {
-        self.core.close_with(line);
-    }
-
-    fn send(&mut self, text: String) {
-        self.core.send(text);
-    }
-
     fn take_line(&mut self) -> Option<Zeroizing<Vec<u8>>> {
         let limit = self.line_limit();
         self.core.line(limit, "* BYE [TOOBIG] Line too long")
@@ -273,7 +265,8 @@ impl SessionMachine for ClientSession {
         let state = std::mem::replace(&mut self.state, State::Command);
         let bytes = match response {
             SaslLine::Cancel => {
-                self.send(format!("{tag} BAD AUTHENTICATE cancelled\r\n"));
+                self.core
+                    .send(format!("{tag} BAD AUTHENTICATE cancelled\r\n"));
                 return true;
             }
             SaslLine::Data(Err(e)) => {
@@ -316,7 +309,7 @@ impl ClientSession {
         let max_command = self.command_limit();
         if self.command.len() > max_command {
             self.command.clear();
-            self.close_with("* BYE [TOOBIG] Command too long");
+            self.core.close_with("* BYE [TOOBIG] Command too long");
             return false;
         }
         if let Some((n, sync)) = literal_announcement(trim_eol(&line)) {
@@ -327,17 +320,18 @@ impl ClientSession {
                 self.command.clear();
                 if sync {
                     // The client waits for our continuation, so refusing keeps us in sync.
-                    self.send(format!("{tag} BAD [TOOBIG] Literal too large\r\n"));
+                    self.core
+                        .send(format!("{tag} BAD [TOOBIG] Literal too large\r\n"));
                 } else {
                     // The octets are already on their way; we cannot tell them from commands.
-                    self.close_with("* BYE [TOOBIG] Literal too large");
+                    self.core.close_with("* BYE [TOOBIG] Literal too large");
                     return false;
                 }
                 return true;
             }
             self.literal_left = Some(n as usize);
             if sync {
-                self.send("+ Ready for literal data\r\n".into());
+                self.core.send("+ Ready for literal data\r\n");
             }
             return true;
         }
@@ -353,36 +347,36 @@ impl ClientSession {
                 tag: Some(tag),
                 message,
             }) => {
-                return self.send(format!("{tag} BAD {message}\r\n"));
+                return self.core.send(format!("{tag} BAD {message}\r\n"));
             }
             Err(ParseError { tag: None, message }) => {
-                return self.send(format!("* BAD {message}\r\n"));
+                return self.core.send(format!("* BAD {message}\r\n"));
             }
         };
         match cmd {
-            Command::Capability => self.send(format!(
+            Command::Capability => self.core.send(format!(
                 "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
                 self.capabilities()
             )),
-            Command::Noop => self.send(format!("{tag} OK NOOP completed\r\n")),
+            Command::Noop => self.core.send(format!("{tag} OK NOOP completed\r\n")),
             Command::Logout => {
-                self.send(format!("* BYE {PROXY_NAME} logging out\r\n{tag} OK LOGOUT completed\r\n"));
+                self.core.send(format!("* BYE {PROXY_NAME} logging out\r\n{tag} OK LOGOUT completed\r\n"));
                 self.core.out.push_back(Action::Close);
                 self.core.closed = true;
                 self.core.input.clear();
             }
-            Command::Id => self.send(format!(
+            Command::Id => self.core.send(format!(
                 "* ID (\"name\" \"{PROXY_NAME}\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
                 env!("CARGO_PKG_VERSION")
             )),
             Command::StartTls => {
                 if self.opts.starttls_offered {
-                    self.send(format!("{tag} OK Begin TLS negotiation now\r\n"));
+                    self.core.send(format!("{tag} OK Begin TLS negotiation now\r\n"));
                     self.core.out.push_back(Action::StartTls);
                     self.core.input.clear();
                     self.state = State::TlsPending;
                 } else {
-                    self.send(format!("{tag} BAD STARTTLS is not available on this connection\r\n"));
+                    self.core.send(format!("{tag} BAD STARTTLS is not available on this connection\r\n"));
                 }
             }
             Command::Login { username, password } => {
@@ -404,7 +398,7 @@ impl ClientSession {
                 }
                 match (mechanism.as_str(), initial) {
                     ("PLAIN", None) => {
-                        self.send("+ \r\n".into());
+                        self.core.send("+ \r\n");
                         self.state = State::SaslPlain { tag };
                     }
                     ("PLAIN", Some(ir)) => match sasl::decode_b64(&ir) {
@@ -412,19 +406,19 @@ impl ClientSession {
                         Err(e) => self.sasl_error(&tag, e),
                     },
                     ("LOGIN", None) => {
-                        self.send("+ VXNlcm5hbWU6\r\n".into());
+                        self.core.send("+ VXNlcm5hbWU6\r\n");
                         self.state = State::SaslLoginUser { tag };
                     }
                     ("LOGIN", Some(ir)) => match sasl::decode_b64(&ir) {
                         Ok(user) => self.login_username(tag, &user),
                         Err(e) => self.sasl_error(&tag, e),
                     },
-                    _ => self.send(format!(
+                    _ => self.core.send(format!(
                         "{tag} NO Unsupported authentication mechanism {mechanism}; use PLAIN or LOGIN\r\n"
                     )),
                 }
             }
-            Command::Other(name) => self.send(format!(
+            Command::Other(name) => self.core.send(format!(
                 "{tag} BAD {name} is not valid before login; log in with LOGIN or AUTHENTICATE PLAIN\r\n"
             )),
         }
@@ -432,7 +426,7 @@ impl ClientSession {
 
     fn login_allowed(&mut self, tag: &str) -> bool {
         if !self.opts.login_allowed {
-            self.send(format!(
+            self.core.send(format!(
                 "{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in; passwords are not accepted in clear from remote hosts\r\n"
             ));
         }
@@ -450,7 +444,7 @@ impl ClientSession {
         if user.is_empty() {
             return self.sasl_error(&tag, SaslError::Empty);
         }
-        self.send("+ UGFzc3dvcmQ6\r\n".into());
+        self.core.send("+ UGFzc3dvcmQ6\r\n");
         self.state = State::SaslLoginPassword {
             tag,
             username: String::from_utf8_lossy(user).into_owned(),
@@ -473,7 +467,7 @@ impl ClientSession {
                 "NO [AUTHORIZATIONFAILED] Logging in as another user is not supported"
             }
         };
-        self.send(format!("{tag} {text}\r\n"));
+        self.core.send(format!("{tag} {text}\r\n"));
     }
 }
 

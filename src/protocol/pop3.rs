@@ -104,7 +104,7 @@ impl ClientSession {
             text.push_str("\r\n");
         }
         text.push_str(".\r\n");
-        self.send(text);
+        self.core.send(text);
     }
 
     /// The login failed: `-ERR` with the RFC 3206 response code for the failure's class, or
@@ -150,14 +150,6 @@ impl ClientSession {
         self.core.input.clear();
         self.state = State::Command;
     }
-
-    fn send(&mut self, text: String) {
-        self.core.send(text);
-    }
-
-    fn close_with(&mut self, line: &str) {
-        self.core.close_with(line);
-    }
 }
 
 impl SessionMachine for ClientSession {
@@ -177,7 +169,7 @@ impl SessionMachine for ClientSession {
         match std::mem::replace(&mut self.state, State::Command) {
             State::AuthPlain => {
                 if text == b"*" {
-                    self.send("-ERR Authentication cancelled\r\n".into());
+                    self.core.send("-ERR Authentication cancelled\r\n");
                 } else {
                     match sasl::decode_b64(text).and_then(|m| sasl::decode_plain(&m)) {
                         Ok(c) => self.login(c),
@@ -204,16 +196,16 @@ impl ClientSession {
             "USER" => {
                 let user = arg.trim();
                 if user.is_empty() {
-                    self.send("-ERR USER needs a name\r\n".into());
+                    self.core.send("-ERR USER needs a name\r\n");
                 } else if !self.login_allowed() {
                 } else {
                     self.user = Some(user.to_string());
-                    self.send("+OK send PASS\r\n".into());
+                    self.core.send("+OK send PASS\r\n");
                 }
             }
             // RFC 1939: the rest of the line is the password, spaces included.
             "PASS" => match self.user.take() {
-                None => self.send("-ERR Send USER first\r\n".into()),
+                None => self.core.send("-ERR Send USER first\r\n"),
                 Some(_) if !self.login_allowed() => {}
                 Some(_) if arg.is_empty() => self.sasl_error(SaslError::Empty),
                 Some(username) => self.login(Credentials {
@@ -222,28 +214,30 @@ impl ClientSession {
                 }),
             },
             "AUTH" => self.auth(arg.trim()),
-            "APOP" => self.send(
-                "-ERR APOP is not supported by xoauth2-proxy; use USER/PASS or AUTH PLAIN\r\n"
-                    .into(),
+            "APOP" => self.core.send(
+                "-ERR APOP is not supported by xoauth2-proxy; use USER/PASS or AUTH PLAIN\r\n",
             ),
             "STLS" => {
                 if self.opts.starttls_offered {
-                    self.send("+OK Begin TLS negotiation\r\n".into());
+                    self.core.send("+OK Begin TLS negotiation\r\n");
                     self.core.out.push_back(Action::StartTls);
                     self.core.input.clear();
                     self.state = State::TlsPending;
                 } else {
-                    self.send("-ERR STLS is not available on this connection\r\n".into());
+                    self.core
+                        .send("-ERR STLS is not available on this connection\r\n");
                 }
             }
-            "QUIT" => self.close_with("+OK xoauth2-proxy signing off"),
-            _ => self.send("-ERR Log in first with USER/PASS or AUTH PLAIN\r\n".into()),
+            "QUIT" => self.core.close_with("+OK xoauth2-proxy signing off"),
+            _ => self
+                .core
+                .send("-ERR Log in first with USER/PASS or AUTH PLAIN\r\n"),
         }
     }
 
     fn login_allowed(&mut self) -> bool {
         if !self.opts.login_allowed {
-            self.send("-ERR [AUTH] Use STLS before logging in; passwords are not accepted in clear from remote hosts\r\n".into());
+            self.core.send("-ERR [AUTH] Use STLS before logging in; passwords are not accepted in clear from remote hosts\r\n");
         }
         self.opts.login_allowed
     }
@@ -251,7 +245,7 @@ impl ClientSession {
     fn auth(&mut self, arg: &str) {
         if arg.is_empty() {
             // Pre-RFC 5034 clients list mechanisms this way.
-            return self.send("+OK\r\nPLAIN\r\n.\r\n".into());
+            return self.core.send("+OK\r\nPLAIN\r\n.\r\n");
         }
         if !self.login_allowed() {
             return;
@@ -262,7 +256,7 @@ impl ClientSession {
         };
         match (mech.as_str(), initial) {
             ("PLAIN", None) => {
-                self.send("+ \r\n".into());
+                self.core.send("+ \r\n");
                 self.state = State::AuthPlain;
             }
             ("PLAIN", Some(ir)) => {
@@ -271,7 +265,9 @@ impl ClientSession {
                     Err(e) => self.sasl_error(e),
                 }
             }
-            _ => self.send("-ERR Unsupported authentication mechanism; use PLAIN\r\n".into()),
+            _ => self
+                .core
+                .send("-ERR Unsupported authentication mechanism; use PLAIN\r\n"),
         }
     }
 
@@ -287,7 +283,7 @@ impl ClientSession {
             SaslError::Malformed => "-ERR [AUTH] Malformed PLAIN credentials",
             SaslError::AuthzidMismatch => "-ERR [AUTH] Logging in as another user is not supported",
         };
-        self.send(format!("{text}\r\n"));
+        self.core.send(format!("{text}\r\n"));
     }
 }
 

@@ -159,14 +159,6 @@ impl ClientSession {
         self.core.input.clear();
         self.state = State::Command;
     }
-
-    fn send(&mut self, text: String) {
-        self.core.send(text);
-    }
-
-    fn close_with(&mut self, line: &str) {
-        self.core.close_with(line);
-    }
 }
 
 impl SessionMachine for ClientSession {
@@ -185,17 +177,17 @@ impl SessionMachine for ClientSession {
         let text = trim_eol(&line);
         match std::mem::replace(&mut self.state, State::Command) {
             State::AuthPlain => match sasl_line(text) {
-                SaslLine::Cancel => self.send("501 5.7.0 Authentication cancelled\r\n".into()),
+                SaslLine::Cancel => self.core.send("501 5.7.0 Authentication cancelled\r\n"),
                 SaslLine::Data(Err(e)) => self.sasl_error(e),
                 SaslLine::Data(Ok(bytes)) => self.plain(&bytes),
             },
             State::AuthLoginUser => match sasl_line(text) {
-                SaslLine::Cancel => self.send("501 5.7.0 Authentication cancelled\r\n".into()),
+                SaslLine::Cancel => self.core.send("501 5.7.0 Authentication cancelled\r\n"),
                 SaslLine::Data(Err(e)) => self.sasl_error(e),
                 SaslLine::Data(Ok(user)) => self.login_username(&user),
             },
             State::AuthLoginPassword { username } => match sasl_line(text) {
-                SaslLine::Cancel => self.send("501 5.7.0 Authentication cancelled\r\n".into()),
+                SaslLine::Cancel => self.core.send("501 5.7.0 Authentication cancelled\r\n"),
                 SaslLine::Data(Err(e)) => self.sasl_error(e),
                 SaslLine::Data(Ok(pw)) if pw.is_empty() => self.sasl_error(SaslError::Empty),
                 SaslLine::Data(Ok(pw)) => self.login(Credentials {
@@ -221,39 +213,43 @@ impl ClientSession {
             "EHLO" | "HELO" => self.hello(&verb, arg),
             "STARTTLS" => {
                 if !arg.is_empty() {
-                    self.send("501 5.5.4 STARTTLS takes no parameters\r\n".into());
+                    self.core.send("501 5.5.4 STARTTLS takes no parameters\r\n");
                 } else if self.opts.starttls_offered {
-                    self.send("220 2.0.0 Ready to start TLS\r\n".into());
+                    self.core.send("220 2.0.0 Ready to start TLS\r\n");
                     self.core.out.push_back(Action::StartTls);
                     self.core.input.clear();
                     self.state = State::TlsPending;
                 } else {
-                    self.send("502 5.5.1 STARTTLS is not available on this connection\r\n".into());
+                    self.core
+                        .send("502 5.5.1 STARTTLS is not available on this connection\r\n");
                 }
             }
             "AUTH" => self.auth(arg),
-            "NOOP" => self.send("250 2.0.0 OK\r\n".into()),
-            "RSET" => self.send("250 2.0.0 OK\r\n".into()),
-            "QUIT" => self.close_with("221 2.0.0 Bye"),
-            "VRFY" => self.send("252 2.1.5 Cannot verify the user; try sending anyway\r\n".into()),
-            "HELP" => self.send(
-                "214 2.0.0 xoauth2-proxy: EHLO, AUTH PLAIN or LOGIN, then send mail\r\n".into(),
+            "NOOP" => self.core.send("250 2.0.0 OK\r\n"),
+            "RSET" => self.core.send("250 2.0.0 OK\r\n"),
+            "QUIT" => self.core.close_with("221 2.0.0 Bye"),
+            "VRFY" => self
+                .core
+                .send("252 2.1.5 Cannot verify the user; try sending anyway\r\n"),
+            "HELP" => self
+                .core
+                .send("214 2.0.0 xoauth2-proxy: EHLO, AUTH PLAIN or LOGIN, then send mail\r\n"),
+            "MAIL" | "RCPT" | "DATA" | "BDAT" => self.core.send(
+                "530 5.7.0 Authentication required: log in with AUTH PLAIN or AUTH LOGIN first\r\n",
             ),
-            "MAIL" | "RCPT" | "DATA" | "BDAT" => self.send(
-                "530 5.7.0 Authentication required: log in with AUTH PLAIN or AUTH LOGIN first\r\n"
-                    .into(),
-            ),
-            _ => self.send("502 5.5.1 Unrecognized command\r\n".into()),
+            _ => self.core.send("502 5.5.1 Unrecognized command\r\n"),
         }
     }
 
     /// Answered here, not by upstream: nobody reaches upstream before a password check.
     fn hello(&mut self, verb: &str, arg: &str) {
         if arg.is_empty() {
-            return self.send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
+            return self
+                .core
+                .send(format!("501 5.5.4 {verb} needs a domain or address\r\n"));
         }
         if !valid_hello_argument(arg) {
-            return self.send(format!(
+            return self.core.send(format!(
                 "501 5.5.4 {verb} needs a domain name or an address literal such as [127.0.0.1]\r\n"
             ));
         }
@@ -264,15 +260,17 @@ impl ClientSession {
             (_, Some(known)) => ehlo_reply(HELLO_LINE, known, starttls),
             (_, None) => ehlo_reply(HELLO_LINE, &GMAIL_EXTENSIONS, starttls),
         };
-        self.send(reply);
+        self.core.send(reply);
     }
 
     fn auth(&mut self, arg: &str) {
         if self.domain.is_none() {
-            return self.send("503 5.5.1 Send EHLO first\r\n".into());
+            return self.core.send("503 5.5.1 Send EHLO first\r\n");
         }
         if !self.opts.login_allowed {
-            return self.send("530 5.7.0 Must issue a STARTTLS command first\r\n".into());
+            return self
+                .core
+                .send("530 5.7.0 Must issue a STARTTLS command first\r\n");
         }
         let (mech, initial) = match arg.split_once(' ') {
             Some((m, ir)) => (m.to_ascii_uppercase(), Some(ir.trim())),
@@ -280,7 +278,7 @@ impl ClientSession {
         };
         match (mech.as_str(), initial) {
             ("PLAIN", None) => {
-                self.send("334 \r\n".into());
+                self.core.send("334 \r\n");
                 self.state = State::AuthPlain;
             }
             ("PLAIN", Some(ir)) => match sasl::decode_b64(ir.as_bytes()) {
@@ -288,16 +286,17 @@ impl ClientSession {
                 Err(e) => self.sasl_error(e),
             },
             ("LOGIN", None) => {
-                self.send("334 VXNlcm5hbWU6\r\n".into());
+                self.core.send("334 VXNlcm5hbWU6\r\n");
                 self.state = State::AuthLoginUser;
             }
             ("LOGIN", Some(ir)) => match sasl::decode_b64(ir.as_bytes()) {
                 Ok(user) => self.login_username(&user),
                 Err(e) => self.sasl_error(e),
             },
-            ("", _) => self.send("501 5.5.4 AUTH needs a mechanism\r\n".into()),
+            ("", _) => self.core.send("501 5.5.4 AUTH needs a mechanism\r\n"),
             _ => self
-                .send("504 5.5.4 Unrecognized authentication type; use PLAIN or LOGIN\r\n".into()),
+                .core
+                .send("504 5.5.4 Unrecognized authentication type; use PLAIN or LOGIN\r\n"),
         }
     }
 
@@ -312,7 +311,7 @@ impl ClientSession {
         if user.is_empty() {
             return self.sasl_error(SaslError::Empty);
         }
-        self.send("334 UGFzc3dvcmQ6\r\n".into());
+        self.core.send("334 UGFzc3dvcmQ6\r\n");
         self.state = State::AuthLoginPassword {
             username: String::from_utf8_lossy(user).into_owned(),
         };
@@ -331,7 +330,7 @@ impl ClientSession {
             }
             SaslError::AuthzidMismatch => "535 5.7.8 Sending as another user is not supported",
         };
-        self.send(format!("{text}\r\n"));
+        self.core.send(format!("{text}\r\n"));
     }
 }
 

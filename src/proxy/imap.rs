@@ -27,13 +27,9 @@ impl Dialect for Imap {
         })
     }
 
-    fn timeout_line(&self) -> &'static [u8] {
-        b"* BYE Autologout; no login within the time limit\r\n"
-    }
+    const TIMEOUT_LINE: &'static [u8] = b"* BYE Autologout; no login within the time limit\r\n";
 
-    fn shutdown_line(&self) -> &'static [u8] {
-        b"* BYE [UNAVAILABLE] xoauth2-proxy is shutting down\r\n"
-    }
+    const SHUTDOWN_LINE: &'static [u8] = b"* BYE [UNAVAILABLE] xoauth2-proxy is shutting down\r\n";
 
     async fn login(
         &self,

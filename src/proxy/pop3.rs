@@ -53,13 +53,9 @@ impl Dialect for Pop3 {
         })
     }
 
-    fn timeout_line(&self) -> &'static [u8] {
-        b"-ERR [SYS/TEMP] No login within the time limit\r\n"
-    }
+    const TIMEOUT_LINE: &'static [u8] = b"-ERR [SYS/TEMP] No login within the time limit\r\n";
 
-    fn shutdown_line(&self) -> &'static [u8] {
-        b"-ERR [SYS/TEMP] xoauth2-proxy is shutting down\r\n"
-    }
+    const SHUTDOWN_LINE: &'static [u8] = b"-ERR [SYS/TEMP] xoauth2-proxy is shutting down\r\n";
 
     async fn login(
         &self,

@@ -27,10 +27,10 @@ pub(crate) trait Dialect: Send {
     fn session(&self, conn: &Conn, starttls_offered: bool, login_allowed: bool) -> Self::Session;
 
     /// Sent before closing a client that did not log in within the time limit.
-    fn timeout_line(&self) -> &'static [u8];
+    const TIMEOUT_LINE: &'static [u8];
 
     /// Sent to clients still logging in when the proxy shuts down.
-    fn shutdown_line(&self) -> &'static [u8];
+    const SHUTDOWN_LINE: &'static [u8];
 
     /// Connect and log in upstream as `email` with `token`, once the local password check has
     /// passed; `session` holds what upstream needs from the client's commands (IMAP's tag,
@@ -119,7 +119,7 @@ async fn log_in<D: Dialect>(
                         Ok::<_, Failure>((account.email.clone(), up))
                     };
                     match timeout_at(deadline, result).await {
-                        Err(_) => return timed_out(&dialect, &mut client).await,
+                        Err(_) => return timed_out::<D, _>(&mut client).await,
                         Ok(Ok((email, up))) => {
                             let pending = session.into_pending_input();
                             return Some((email, client, up, pending));
@@ -133,22 +133,22 @@ async fn log_in<D: Dialect>(
         let read = tokio::select! {
             r = timeout_at(deadline, client.read(&mut buf)) => r,
             _ = cancel.cancelled() => {
-                let _ = timeout_at(deadline, client.write_all(dialect.shutdown_line())).await;
+                let _ = timeout_at(deadline, client.write_all(D::SHUTDOWN_LINE)).await;
                 return None;
             }
         };
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(n)) => session.feed(&buf[..n]),
-            Err(_) => return timed_out(&dialect, &mut client).await,
+            Err(_) => return timed_out::<D, _>(&mut client).await,
         }
     }
 }
 
 /// The pre-auth deadline passed: say so (briefly) and close.
-async fn timed_out<D: Dialect, T>(dialect: &D, client: &mut Stream) -> Option<T> {
+async fn timed_out<D: Dialect, T>(client: &mut Stream) -> Option<T> {
     let grace = Instant::now() + std::time::Duration::from_secs(2);
-    let _ = timeout_at(grace, client.write_all(dialect.timeout_line())).await;
+    let _ = timeout_at(grace, client.write_all(D::TIMEOUT_LINE)).await;
     None
 }
 

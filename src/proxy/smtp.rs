@@ -55,13 +55,9 @@ impl Dialect for Smtp {
         })
     }
 
-    fn timeout_line(&self) -> &'static [u8] {
-        b"421 4.4.2 Timeout: no login within the time limit\r\n"
-    }
+    const TIMEOUT_LINE: &'static [u8] = b"421 4.4.2 Timeout: no login within the time limit\r\n";
 
-    fn shutdown_line(&self) -> &'static [u8] {
-        b"421 4.3.2 xoauth2-proxy is shutting down\r\n"
-    }
+    const SHUTDOWN_LINE: &'static [u8] = b"421 4.3.2 xoauth2-proxy is shutting down\r\n";
 
     async fn login(
         &self,

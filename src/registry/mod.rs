@@ -27,9 +27,12 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("accounts", &self.accounts.len())
-            .finish_non_exhaustive()
+        write!(
+            f,
+            "Registry({} accounts, {:?})",
+            self.accounts.len(),
+            self.store
+        )
     }
 }
 

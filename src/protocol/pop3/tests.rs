@@ -30,19 +30,7 @@ fn alice() -> Option<(String, String)> {
 }
 
 fn gmail_capa() -> Vec<String> {
-    [
-        "USER",
-        "RESP-CODES",
-        "EXPIRE 0",
-        "LOGIN-DELAY 300",
-        "TOP",
-        "UIDL",
-        "X-GOOGLE-RICO",
-        "SASL PLAIN XOAUTH2 OAUTHBEARER",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    GMAIL_CAPA.iter().map(|s| s.to_string()).collect()
 }
 
 #[test]

@@ -8,19 +8,10 @@ const PL: &str = "AGFsaWNlQGdtYWlsLmNvbQBsb2NhbC1zZWNyZXQ=";
 const ERR: &str = "eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==";
 
 fn gmail_ehlo_after_tls() -> Vec<String> {
-    [
-        "smtp.gmail.com at your service, [203.0.113.7]",
-        "SIZE 35882577",
-        "8BITMIME",
-        "AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
-        "ENHANCEDSTATUSCODES",
-        "PIPELINING",
-        "CHUNKING",
-        "SMTPUTF8",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    std::iter::once("smtp.gmail.com at your service, [203.0.113.7]")
+        .chain(GMAIL_EXTENSIONS)
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn session(starttls: bool) -> ClientSession {
