@@ -95,3 +95,37 @@ async fn a_connection_without_a_header_is_refused() {
     c.send(b"a1 LOGIN alice@gmail.com password\r\n").await;
     c.expect_eof().await;
 }
+
+/// A wrong login over a fresh connection that claims `client` in its PROXY header; how long
+/// its answer took.
+async fn wrong_login_from(w: &World, client: &str) -> std::time::Duration {
+    let mut c = TestClient::connect(w.proxy.addrs[0]).await;
+    c.send(format!("PROXY TCP4 {client} 127.0.0.1 51000 143\r\n"))
+        .await;
+    assert!(c.read_line().await.starts_with("* OK"));
+    let start = std::time::Instant::now();
+    c.send_line("a1 LOGIN stranger@example.org wrong").await;
+    let (tagged, _) = c.read_imap_tagged("a1").await;
+    assert!(tagged.starts_with("a1 NO"), "{tagged}");
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_throttle_counts_the_address_in_the_header_not_the_balancer() {
+    let w = world("none", "127.0.0.1/32").await;
+    // One client behind the balancer guesses until its answers are slowed down...
+    for _ in 0..6 {
+        wrong_login_from(&w, "192.0.2.1").await;
+    }
+    let guesser = wrong_login_from(&w, "192.0.2.1").await;
+    assert!(
+        guesser >= std::time::Duration::from_millis(500),
+        "the guesser's answer came after {guesser:?}"
+    );
+    // ...while another client behind the same balancer is answered at once.
+    let other = wrong_login_from(&w, "192.0.2.2").await;
+    assert!(
+        other < guesser / 2,
+        "another client waited {other:?} (the guesser {guesser:?})"
+    );
+}
