@@ -6,19 +6,25 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::config::Protocol;
+use crate::protocol::{Failure, Protocol};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Token requests take tens of milliseconds to seconds.
+const REFRESH_BUCKETS: [f64; 10] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// The process's metrics, installed on first use (one recorder per process; every proxy a test
 /// starts in-process shares it). None if another recorder was installed first.
 pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&REFRESH_BUCKETS)
+                .ok()?
+                .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
@@ -49,6 +55,22 @@ fn describe() {
     describe_counter!(
         "xoauth2_proxy_connections_refused_total",
         "Client connections refused before a session (connection cap, PROXY header), by protocol and reason."
+    );
+    describe_counter!(
+        "xoauth2_proxy_local_logins_total",
+        "Local password checks, by protocol and result (ok, wrong_password, error)."
+    );
+    describe_counter!(
+        "xoauth2_proxy_upstream_logins_total",
+        "Logins to the provider after a good local password, by protocol, provider and result (ok, limit, not_authorized, rejected, refused, misconfigured, temporary)."
+    );
+    describe_counter!(
+        "xoauth2_proxy_token_refreshes_total",
+        "Token endpoint requests, by result (ok, revoked, misconfigured, temporary)."
+    );
+    describe_histogram!(
+        "xoauth2_proxy_token_refresh_duration_seconds",
+        "How long token endpoint requests took."
     );
     describe_counter!(
         "xoauth2_proxy_spliced_bytes_total",
@@ -88,4 +110,36 @@ pub fn spliced(protocol: Protocol, to_upstream: u64, to_client: u64) {
         .increment(to_upstream);
     counter!("xoauth2_proxy_spliced_bytes_total", "protocol" => protocol.name(), "direction" => "to_client")
         .increment(to_client);
+}
+
+/// A local password check ended: `ok`, `wrong_password` or `error` (the store).
+pub fn local_login(protocol: Protocol, result: &'static str) {
+    handle();
+    counter!("xoauth2_proxy_local_logins_total", "protocol" => protocol.name(), "result" => result)
+        .increment(1);
+}
+
+/// A login that passed the local check ended upstream: `None` is success.
+pub fn upstream_login(protocol: Protocol, provider: &'static str, failure: Option<&Failure>) {
+    let result = match failure {
+        None => "ok",
+        // Counted as a local login.
+        Some(Failure::BadCredentials) => return,
+        Some(Failure::TooManySessions { .. }) => "limit",
+        Some(Failure::NeverAuthorized { .. } | Failure::Revoked { .. }) => "not_authorized",
+        Some(Failure::TokenRejected { .. }) => "rejected",
+        Some(Failure::UpstreamRefused { .. }) => "refused",
+        Some(Failure::Misconfigured { .. }) => "misconfigured",
+        Some(Failure::Temporary { .. }) => "temporary",
+    };
+    handle();
+    counter!("xoauth2_proxy_upstream_logins_total", "protocol" => protocol.name(), "provider" => provider, "result" => result)
+        .increment(1);
+}
+
+/// A token request ended with `result` after `seconds`.
+pub fn token_refresh(result: &'static str, seconds: f64) {
+    handle();
+    counter!("xoauth2_proxy_token_refreshes_total", "result" => result).increment(1);
+    histogram!("xoauth2_proxy_token_refresh_duration_seconds").record(seconds);
 }

@@ -150,6 +150,15 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
         )],
         1.0
     );
+    for (sample, want) in [
+        ("xoauth2_proxy_local_logins_total{protocol=\"imap\",result=\"ok\"}", 1.0),
+        ("xoauth2_proxy_local_logins_total{protocol=\"imap\",result=\"wrong_password\"}", 1.0),
+        ("xoauth2_proxy_upstream_logins_total{protocol=\"imap\",provider=\"google\",result=\"ok\"}", 1.0),
+        ("xoauth2_proxy_token_refreshes_total{result=\"ok\"}", 1.0),
+        ("xoauth2_proxy_token_refresh_duration_seconds_count", 1.0),
+    ] {
+        assert_eq!(s.get(sample), Some(&want), "{sample} in\n{metrics}");
+    }
     assert!(!metrics.contains(&password.expose().to_string()));
     promtool_accepts(&metrics);
 

@@ -584,7 +584,19 @@ impl Shared {
                 return outcome;
             }
         };
+        let started = Instant::now();
         let outcome = self.refresh(&acct, refresh_token.clone()).await;
+        let result = match &outcome {
+            Ok(_) => Some("ok"),
+            // Nothing to refresh with: no request was made.
+            Err(TokenError::NeverAuthorized { .. }) => None,
+            Err(TokenError::Revoked { .. }) => Some("revoked"),
+            Err(TokenError::Misconfigured { .. }) => Some("misconfigured"),
+            Err(TokenError::Temporary { .. }) => Some("temporary"),
+        };
+        if let Some(result) = result {
+            crate::metrics::token_refresh(result, started.elapsed().as_secs_f64());
+        }
         let next = match &outcome {
             Ok(token) => State::Active(token.clone()),
             Err(e) => self.failed_state(&acct, e, refresh_token),

@@ -34,12 +34,15 @@ pub async fn authorize<'c>(
         .accounts
         .verify(&credentials.username, &credentials.password)
         .await;
+    let protocol = conn.ctx.config.protocol;
     let key = match verified {
         Ok(key) => {
+            crate::metrics::local_login(protocol, "ok");
             app.throttle.succeeded(source);
             key
         }
         Err(LocalAuthError::BadCredentials) => {
+            crate::metrics::local_login(protocol, "wrong_password");
             let account = app.registry.lookup(&credentials.username);
             tracing::info!(
                 user = %loggable_user(account.map(|a| a.email.as_str()), &credentials.username),
@@ -53,6 +56,7 @@ pub async fn authorize<'c>(
             return Err(Failure::BadCredentials);
         }
         Err(LocalAuthError::Store(detail)) => {
+            crate::metrics::local_login(protocol, "error");
             tracing::error!(error = %detail, "cannot check password");
             return Err(Failure::Temporary { detail });
         }

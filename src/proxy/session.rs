@@ -53,6 +53,7 @@ pub(crate) async fn run<D: Dialect>(
     let cap = conn.app.config.limits.max_pending_per_source;
     let Some(logging_in) = conn.app.throttle.enter(conn.peer.ip(), cap) else {
         tracing::warn!(peer = %conn.peer, "too many connections logging in from this address; refusing connection");
+        crate::metrics::connection_refused(conn.ctx.config.protocol, "source_cap");
         super::refuse_busy(conn.ctx.config.protocol, tcp).await;
         return;
     };
@@ -118,7 +119,13 @@ async fn log_in<D: Dialect>(
                         let up = dialect.login(conn, &session, account, token).await?;
                         Ok::<_, Failure>((account.email.clone(), up))
                     };
-                    match timeout_at(deadline, result).await {
+                    let result = timeout_at(deadline, result).await;
+                    if let Ok(outcome) = &result {
+                        let provider = crate::provider::default_provider().id();
+                        let failure = outcome.as_ref().err();
+                        crate::metrics::upstream_login(conn.ctx.config.protocol, provider, failure);
+                    }
+                    match result {
                         Err(_) => return timed_out::<D, _>(&mut client).await,
                         Ok(Ok((email, up))) => {
                             let pending = session.into_pending_input();
