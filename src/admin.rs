@@ -28,6 +28,8 @@ pub struct Views {
     pub listeners: Vec<(&'static str, SocketAddr)>,
     /// How many listeners the config asks for.
     pub configured_listeners: usize,
+    /// How many client addresses the brute-force throttle is slowing down now.
+    pub throttled_sources: Box<dyn Fn() -> usize + Send + Sync>,
 }
 
 pub struct AdminListener {
@@ -70,7 +72,8 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
     }
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics(State(views): State<Arc<Views>>) -> impl IntoResponse {
+    crate::metrics::throttled_sources((views.throttled_sources)());
     (
         [(
             header::CONTENT_TYPE,

@@ -232,6 +232,10 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     .map(|l| (l.protocol().name(), l.local_addr()))
                     .collect(),
                 configured_listeners: app.config.listeners.len(),
+                throttled_sources: {
+                    let app = app.clone();
+                    Box::new(move || app.throttle.slowed_sources())
+                },
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,

@@ -56,6 +56,10 @@ fn describe() {
         "xoauth2_proxy_connections_refused_total",
         "Client connections refused before a session (connection cap, PROXY header), by protocol and reason."
     );
+    describe_gauge!(
+        "xoauth2_proxy_throttled_sources",
+        "Client addresses whose wrong answers the brute-force throttle is slowing down now."
+    );
     describe_counter!(
         "xoauth2_proxy_local_logins_total",
         "Local password checks, by protocol and result (ok, wrong_password, error)."
@@ -142,4 +146,10 @@ pub fn token_refresh(result: &'static str, seconds: f64) {
     handle();
     counter!("xoauth2_proxy_token_refreshes_total", "result" => result).increment(1);
     histogram!("xoauth2_proxy_token_refresh_duration_seconds").record(seconds);
+}
+
+/// The throttle's count of addresses being slowed down, as of now.
+pub fn throttled_sources(n: usize) {
+    handle();
+    gauge!("xoauth2_proxy_throttled_sources").set(n as f64);
 }

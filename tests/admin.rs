@@ -156,11 +156,31 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
         ("xoauth2_proxy_upstream_logins_total{protocol=\"imap\",provider=\"google\",result=\"ok\"}", 1.0),
         ("xoauth2_proxy_token_refreshes_total{result=\"ok\"}", 1.0),
         ("xoauth2_proxy_token_refresh_duration_seconds_count", 1.0),
+        // One wrong password is forgiven: nobody is being slowed down.
+        ("xoauth2_proxy_throttled_sources", 0.0),
     ] {
         assert_eq!(s.get(sample), Some(&want), "{sample} in\n{metrics}");
     }
     assert!(!metrics.contains(&password.expose().to_string()));
     promtool_accepts(&metrics);
+
+    // Two more wrong passwords from this address: now it is being slowed down.
+    for tag in ["c1", "c2"] {
+        let mut c = TestClient::connect(imap_addr).await;
+        c.read_line().await;
+        c.send_line(&format!("{tag} LOGIN {ALICE} wrong")).await;
+        assert!(c
+            .read_imap_tagged(tag)
+            .await
+            .0
+            .starts_with(&format!("{tag} NO")));
+    }
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(
+        samples(&text).get("xoauth2_proxy_throttled_sources"),
+        Some(&1.0),
+        "{text}"
+    );
 
     // A store nobody may read any more: not ready, and the reason says so.
     let store_file = dir.state_dir().join("store.enc");

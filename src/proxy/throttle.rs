@@ -219,6 +219,17 @@ impl Throttle {
         table.sources.remove(&Source::of(source));
     }
 
+    /// Sources whose wrong answers are being slowed down now (for metrics).
+    pub fn slowed_sources(&self) -> usize {
+        let now = Instant::now();
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table
+            .sources
+            .values()
+            .filter(|e| e.fresh(now) && !delay_for(e.failures).is_zero())
+            .count()
+    }
+
     /// Sources tracked now (for tests and diagnostics).
     pub fn sources(&self) -> usize {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,6 +245,21 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_sources_being_slowed_down_count_as_throttled() {
+        let t = Throttle::default();
+        let now = Instant::now();
+        for _ in 0..FREE_FAILURES - 1 {
+            t.schedule(ip("192.0.2.1"), None, now);
+        }
+        assert_eq!(t.slowed_sources(), 0);
+        t.schedule(ip("192.0.2.1"), None, now);
+        t.schedule(ip("192.0.2.2"), None, now);
+        assert_eq!(t.slowed_sources(), 1);
+        t.succeeded(ip("192.0.2.1"));
+        assert_eq!(t.slowed_sources(), 0);
     }
 
     #[test]
