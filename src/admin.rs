@@ -30,6 +30,10 @@ pub struct Views {
     pub configured_listeners: usize,
     /// How many client addresses the brute-force throttle is slowing down now.
     pub throttled_sources: Box<dyn Fn() -> usize + Send + Sync>,
+    /// Per account: (email, access-token expiry, refresh-token issue time), unix seconds.
+    pub token_times: Box<dyn Fn() -> Vec<crate::metrics::TokenTimes> + Send + Sync>,
+    /// Whether per-account gauges name the account.
+    pub account_labels: bool,
 }
 
 pub struct AdminListener {
@@ -74,6 +78,8 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
 
 async fn metrics(State(views): State<Arc<Views>>) -> impl IntoResponse {
     crate::metrics::throttled_sources((views.throttled_sources)());
+    let times = (views.token_times)();
+    crate::metrics::token_times(&times, crate::clock::now_unix(), views.account_labels);
     (
         [(
             header::CONTENT_TYPE,

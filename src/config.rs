@@ -82,6 +82,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     bind: String,
+    #[serde(default)]
+    account_labels: bool,
 }
 
 /// How `serve` writes its log lines on stderr.
@@ -99,6 +101,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// Per-account gauges carry an `account` label (opt-in: emails in the metrics store).
+    pub account_labels: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -523,7 +527,10 @@ fn admin(raw: &RawAdmin, cx: &Context) -> Result<AdminConfig, ConfigError> {
             "[admin] bind = {bind}: the admin listener serves loopback addresses only (127.0.0.1, ::1); reach it through a local Prometheus agent or an SSH tunnel"
         )));
     }
-    Ok(AdminConfig { bind })
+    Ok(AdminConfig {
+        bind,
+        account_labels: raw.account_labels,
+    })
 }
 
 fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {
@@ -778,7 +785,9 @@ email = "Alice@Gmail.com"
         assert!(c.admin.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
         let c = parse("log_format = \"json\"\n[admin]\nbind = \"127.0.0.1:8025\"\n").unwrap();
-        assert_eq!(c.admin.unwrap().bind, "127.0.0.1:8025".parse().unwrap());
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.bind, "127.0.0.1:8025".parse().unwrap());
+        assert!(!admin.account_labels, "account labels are opt-in");
         assert_eq!(c.log_format, LogFormat::Json);
         let err = parse("[admin]\nbind = \"0.0.0.0:8025\"\n")
             .unwrap_err()

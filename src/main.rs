@@ -236,6 +236,11 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     let app = app.clone();
                     Box::new(move || app.throttle.slowed_sources())
                 },
+                token_times: {
+                    let app = app.clone();
+                    Box::new(move || token_times(&app))
+                },
+                account_labels: app.config.admin.as_ref().is_some_and(|a| a.account_labels),
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,
@@ -405,6 +410,27 @@ fn cert(arg: &ConfigArg) -> Result<(), String> {
         tls.key.display()
     );
     Ok(())
+}
+
+/// Each account's token times for the admin listener's gauges.
+fn token_times(app: &xoauth2_proxy::proxy::App) -> Vec<xoauth2_proxy::metrics::TokenTimes> {
+    let live = app.tokens.status();
+    let stored = app.registry.current().ok();
+    app.config
+        .accounts
+        .iter()
+        .map(|a| xoauth2_proxy::metrics::TokenTimes {
+            account: a.email.clone(),
+            access_token_expires_at: live
+                .accounts
+                .get(a.key().as_str())
+                .and_then(|s| s.access_token_expires_at),
+            refresh_token_obtained_at: stored
+                .as_ref()
+                .and_then(|d| d.account(&a.key()))
+                .and_then(|s| s.refresh_token_obtained_at),
+        })
+        .collect()
 }
 
 /// ` -c PATH` for commands printed as advice, when the user named the config explicitly.

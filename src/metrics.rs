@@ -57,6 +57,22 @@ fn describe() {
         "Client connections refused before a session (connection cap, PROXY header), by protocol and reason."
     );
     describe_gauge!(
+        "xoauth2_proxy_access_token_expiry_seconds",
+        "Seconds until the cached access token expires (with [admin] account_labels = true, per account)."
+    );
+    describe_gauge!(
+        "xoauth2_proxy_refresh_token_age_seconds",
+        "Age of the stored refresh token (with [admin] account_labels = true, per account)."
+    );
+    describe_gauge!(
+        "xoauth2_proxy_access_token_expiry_min_seconds",
+        "The soonest any cached access token expires, in seconds."
+    );
+    describe_gauge!(
+        "xoauth2_proxy_refresh_token_age_max_seconds",
+        "The oldest stored refresh token's age, in seconds (Google's Testing apps lose theirs at 7 days)."
+    );
+    describe_gauge!(
         "xoauth2_proxy_throttled_sources",
         "Client addresses whose wrong answers the brute-force throttle is slowing down now."
     );
@@ -152,4 +168,38 @@ pub fn token_refresh(result: &'static str, seconds: f64) {
 pub fn throttled_sources(n: usize) {
     handle();
     gauge!("xoauth2_proxy_throttled_sources").set(n as f64);
+}
+
+/// One account's token times, unix seconds.
+#[derive(Debug, Clone)]
+pub struct TokenTimes {
+    pub account: String,
+    pub access_token_expires_at: Option<i64>,
+    pub refresh_token_obtained_at: Option<i64>,
+}
+
+/// The per-account gauges as of `now`: labelled by account only when the admin opted in;
+/// the soonest expiry and the oldest refresh token always.
+pub fn token_times(times: &[TokenTimes], now: i64, account_labels: bool) {
+    handle();
+    let expiry = |t: &TokenTimes| t.access_token_expires_at.map(|at| (at - now) as f64);
+    let age = |t: &TokenTimes| t.refresh_token_obtained_at.map(|at| (now - at) as f64);
+    if account_labels {
+        for t in times {
+            let account = t.account.clone();
+            if let Some(v) = expiry(t) {
+                gauge!("xoauth2_proxy_access_token_expiry_seconds", "account" => account.clone())
+                    .set(v);
+            }
+            if let Some(v) = age(t) {
+                gauge!("xoauth2_proxy_refresh_token_age_seconds", "account" => account).set(v);
+            }
+        }
+    }
+    if let Some(min) = times.iter().filter_map(expiry).reduce(f64::min) {
+        gauge!("xoauth2_proxy_access_token_expiry_min_seconds").set(min);
+    }
+    if let Some(max) = times.iter().filter_map(age).reduce(f64::max) {
+        gauge!("xoauth2_proxy_refresh_token_age_max_seconds").set(max);
+    }
 }

@@ -79,7 +79,7 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
         &pki,
         &[ListenerSpec::new("imap", imap.addr)],
         &[ALICE],
-    ) + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    ) + "\n[admin]\nbind = \"127.0.0.1:0\"\naccount_labels = true\n";
     let dir = cmd::ConfigDir::from_text(&text);
     let alice = AccountKey::new(ALICE);
     google.add_refresh_token("1//admin", ALICE);
@@ -161,6 +161,12 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
     ] {
         assert_eq!(s.get(sample), Some(&want), "{sample} in\n{metrics}");
     }
+    // The token fetched for the login, and the refresh token stored just now.
+    let expiry = s["xoauth2_proxy_access_token_expiry_seconds{account=\"alice@gmail.com\"}"];
+    assert!(expiry > 60.0 && expiry <= 3600.0, "{metrics}");
+    assert_eq!(s["xoauth2_proxy_access_token_expiry_min_seconds"], expiry);
+    let age = s["xoauth2_proxy_refresh_token_age_seconds{account=\"alice@gmail.com\"}"];
+    assert!((0.0..60.0).contains(&age), "{metrics}");
     assert!(!metrics.contains(&password.expose().to_string()));
     promtool_accepts(&metrics);
 

@@ -416,6 +416,11 @@ impl TokenManager {
             .unwrap_or(0)
     }
 
+    /// What this process knows about its tokens now: expiry and last errors, nothing secret.
+    pub fn status(&self) -> status::Status {
+        self.shared.snapshot()
+    }
+
     /// How soon after issue the background refresher may replace a token (default one minute;
     /// tests shorten it).
     pub fn set_min_background_age(&self, age: Duration) {
@@ -834,7 +839,12 @@ impl Shared {
             return;
         };
         let _serial = lock(&self.status_write);
-        let snapshot = status::Status {
+        status::write(dir, &self.snapshot());
+    }
+
+    /// What this process knows about its tokens now (nothing secret).
+    fn snapshot(&self) -> status::Status {
+        status::Status {
             pid: std::process::id(),
             updated_at: now_unix(),
             accounts: self
@@ -845,8 +855,7 @@ impl Shared {
                     (k.to_string(), slot.state.status(slot.last_refresh_at))
                 })
                 .collect(),
-        };
-        status::write(dir, &snapshot);
+        }
     }
 }
 
