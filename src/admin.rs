@@ -4,8 +4,8 @@
 //!
 //! - `GET /metrics`: Prometheus text exposition, names prefixed `xoauth2_proxy_`.
 //! - `GET /livez`: 200 while the process serves.
-//! - `GET /readyz`: 200 when every listener is bound and the store is readable; 503 with a JSON
-//!   reason otherwise.
+//! - `GET /readyz`: 200 when every listener is bound, the store is readable and each provider's
+//!   token endpoint answered its last request; 503 with a JSON reason otherwise.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub struct Views {
     pub token_times: Box<dyn Fn() -> Vec<crate::metrics::TokenTimes> + Send + Sync>,
     /// Whether per-account gauges name the account.
     pub account_labels: bool,
+    /// Providers whose token endpoint did not answer its last request, with why.
+    pub token_endpoints: Box<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
 pub struct AdminListener {
@@ -98,6 +100,7 @@ async fn readyz(State(views): State<Arc<Views>>) -> impl IntoResponse {
             views.configured_listeners
         ));
     }
+    problems.extend((views.token_endpoints)());
     // A real read, not the registry's cached view: the probe is about the store now.
     let registry = views.registry.clone();
     match tokio::task::spawn_blocking(move || registry.store().load().map(|_| ())).await {

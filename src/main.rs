@@ -241,6 +241,10 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     Box::new(move || token_times(&app))
                 },
                 account_labels: app.config.admin.as_ref().is_some_and(|a| a.account_labels),
+                token_endpoints: {
+                    let app = app.clone();
+                    Box::new(move || app.tokens.unanswered_endpoints())
+                },
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,

@@ -15,6 +15,7 @@ use support::{FakeGoogle, FakeImap, TestClient, TestPki, UpstreamTls};
 use xoauth2_proxy::account::AccountKey;
 
 const ALICE: &str = "alice@gmail.com";
+const CAROL: &str = "carol@gmail.com";
 
 /// `name{labels}` → value, from Prometheus text.
 fn samples(text: &str) -> HashMap<String, f64> {
@@ -78,13 +79,18 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
         &google,
         &pki,
         &[ListenerSpec::new("imap", imap.addr)],
-        &[ALICE],
+        &[ALICE, CAROL],
     ) + "\n[admin]\nbind = \"127.0.0.1:0\"\naccount_labels = true\n";
     let dir = cmd::ConfigDir::from_text(&text);
     let alice = AccountKey::new(ALICE);
     google.add_refresh_token("1//admin", ALICE);
     xoauth2_proxy::registry::save_refresh_token(&dir.store(), &alice, &"1//admin".into()).unwrap();
     let password = xoauth2_proxy::registry::add_password(&dir.store(), &alice, "metrics").unwrap();
+    let carol = AccountKey::new(CAROL);
+    google.add_refresh_token("1//carol", CAROL);
+    xoauth2_proxy::registry::save_refresh_token(&dir.store(), &carol, &"1//carol".into()).unwrap();
+    let carol_password =
+        xoauth2_proxy::registry::add_password(&dir.store(), &carol, "metrics").unwrap();
     let path = dir.path.display().to_string();
     let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
     let imap_addr = serve.logged_bind("listening").await;
@@ -195,6 +201,31 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("the store cannot be read"), "{body}");
     std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+
+    // Google's token endpoint stops answering: the next refresh fails, and readiness says so
+    // until a request is answered again.
+    let carol_login = |tag: &'static str| {
+        let pw = carol_password.expose().to_string();
+        async move {
+            let mut c = TestClient::connect(imap_addr).await;
+            c.read_line().await;
+            c.send_line(&format!("{tag} LOGIN {CAROL} {pw}")).await;
+            c.read_imap_tagged(tag).await.0
+        }
+    };
+    google.set_down(true);
+    assert!(carol_login("d1").await.starts_with("d1 NO [UNAVAILABLE]"));
+    let (status, body) = get(&format!("{base}/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("the google token endpoint did not answer"),
+        "{body}"
+    );
+    google.set_down(false);
+    // Past the proxy's short hold on a temporary failure, the next login asks again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(carol_login("d2").await.starts_with("d2 OK"));
     assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
 }
 

@@ -317,6 +317,8 @@ struct Shared {
     wake: tokio::sync::Notify,
     min_background_age_ms: AtomicU64,
     flights: AtomicU64,
+    /// Per provider, why its token endpoint did not answer the last request (None: it did).
+    endpoints: Mutex<HashMap<&'static str, Option<String>>>,
 }
 
 pub struct TokenManager {
@@ -403,6 +405,7 @@ impl TokenManager {
                 wake: tokio::sync::Notify::new(),
                 min_background_age_ms: AtomicU64::new(MIN_BACKGROUND_AGE.as_millis() as u64),
                 flights: AtomicU64::new(0),
+                endpoints: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -414,6 +417,18 @@ impl TokenManager {
             .get(&AccountKey::new(email))
             .map(|t| t.requests.load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// Providers whose token endpoint did not answer its last request, with why.
+    pub fn unanswered_endpoints(&self) -> Vec<String> {
+        lock(&self.shared.endpoints)
+            .iter()
+            .filter_map(|(provider, problem)| {
+                problem.as_ref().map(|p| {
+                    format!("the {provider} token endpoint did not answer its last request: {p}")
+                })
+            })
+            .collect()
     }
 
     /// What this process knows about its tokens now: expiry and last errors, nothing secret.
@@ -601,6 +616,7 @@ impl Shared {
         };
         if let Some(result) = result {
             crate::metrics::token_refresh(result, started.elapsed().as_secs_f64());
+            self.note_endpoint(&acct, &outcome);
         }
         let next = match &outcome {
             Ok(token) => State::Active(token.clone()),
@@ -612,6 +628,16 @@ impl Shared {
             self.wake.notify_one();
         }
         outcome
+    }
+
+    /// Remember whether the provider's token endpoint answered this request, for `/readyz`.
+    fn note_endpoint(&self, acct: &AccountTokens, outcome: &Outcome) {
+        let provider = acct.provider().id();
+        let problem = match outcome {
+            Err(TokenError::Temporary { detail, .. }) => Some(detail.clone()),
+            _ => None,
+        };
+        lock(&self.endpoints).insert(provider, problem);
     }
 
     fn failed_state(
