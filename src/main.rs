@@ -245,6 +245,10 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     let app = app.clone();
                     Box::new(move || app.tokens.unanswered_endpoints())
                 },
+                accounts: {
+                    let app = app.clone();
+                    Box::new(move || account_rows(&app))
+                },
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,
@@ -414,6 +418,13 @@ fn cert(arg: &ConfigArg) -> Result<(), String> {
         tls.key.display()
     );
     Ok(())
+}
+
+/// The `accounts` report of the running proxy, for the status page.
+fn account_rows(app: &xoauth2_proxy::proxy::App) -> Vec<report::AccountReport> {
+    let data = app.registry.current().unwrap_or_default();
+    let status = app.tokens.status();
+    report::report(&app.config, &data, Some(&status), now_unix())
 }
 
 /// Each account's token times for the admin listener's gauges.

@@ -40,8 +40,17 @@ pub struct AccountReport {
     pub refresh_token_age_secs: Option<i64>,
     pub refresh_token_expires_at: Option<i64>,
     pub passwords: usize,
+    /// The app passwords' labels and creation times (never a password or its hash).
+    pub password_labels: Vec<PasswordLabel>,
     /// What to do, most urgent first; empty when all is well.
     pub attention: Vec<String>,
+}
+
+/// One app password as the report shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PasswordLabel {
+    pub label: String,
+    pub created_at: i64,
 }
 
 /// The `accounts` rows: config, store and (if `serve` runs) its token status, as of `now`.
@@ -118,6 +127,17 @@ pub fn report(
                 refresh_token_expires_at: rt_expires
                     .filter(|_| credential == CredentialKind::Authorized),
                 passwords,
+                password_labels: secrets
+                    .map(|s| {
+                        s.passwords
+                            .iter()
+                            .map(|p| PasswordLabel {
+                                label: p.label.clone(),
+                                created_at: p.created_at,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 attention,
             }
         })
@@ -166,6 +186,7 @@ mod tests {
         assert_eq!(rows[0].access_token, "in 42 min");
         assert_eq!(rows[0].refresh_token_age_secs, Some(2 * DAY));
         assert_eq!(rows[0].passwords, 1);
+        assert_eq!(rows[0].password_labels[0].label, "laptop");
         assert!(rows[0].attention.is_empty(), "{:?}", rows[0].attention);
         assert_eq!(rows[1].credential, CredentialKind::Missing);
         assert!(rows[1].attention[0].contains("xoauth2-proxy login bob@x.com"));

@@ -33,6 +33,36 @@ async fn get(url: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// The status page: both accounts, every value escaped, and a policy that allows nothing but
+/// this listener's own script and style.
+async fn status_page_shows_accounts_escaped_under_a_strict_policy(base: &str) {
+    let r = cmd::browser(false)
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    let html = r.text().await.unwrap();
+    assert!(html.contains(ALICE) && html.contains(CAROL), "{html}");
+    assert!(html.contains("&lt;b&gt;desk&lt;/b&gt;"), "{html}");
+    assert!(!html.contains("<b>desk"), "{html}");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets: {html}"
+    );
+    let (status, js) = get(&format!("{base}/app.js")).await;
+    assert_eq!(status, 200);
+    assert!(js.contains("data-expires"), "{js}");
+}
+
 /// `promtool check metrics` on the text, where promtool is installed (CI installs it and sets
 /// XOAUTH2_PROXY_REQUIRE_PROMTOOL so that a missing promtool fails instead of skipping).
 fn promtool_accepts(text: &str) {
@@ -91,6 +121,7 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
     xoauth2_proxy::registry::save_refresh_token(&dir.store(), &carol, &"1//carol".into()).unwrap();
     let carol_password =
         xoauth2_proxy::registry::add_password(&dir.store(), &carol, "metrics").unwrap();
+    xoauth2_proxy::registry::add_password(&dir.store(), &carol, "<b>desk</b>").unwrap();
     let path = dir.path.display().to_string();
     let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
     let imap_addr = serve.logged_bind("listening").await;
@@ -98,6 +129,7 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
     let base = format!("http://{admin}");
 
     assert_eq!(get(&format!("{base}/livez")).await.0, 200);
+    status_page_shows_accounts_escaped_under_a_strict_policy(&base).await;
     let (status, body) = get(&format!("{base}/readyz")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(

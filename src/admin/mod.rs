@@ -2,10 +2,13 @@
 //! the ops team's existing tools. It observes the core through read-only views (the registry's
 //! store, the bound listeners) and never reaches into a session.
 //!
+//! - `GET /`: the status page for people (`page.rs`).
 //! - `GET /metrics`: Prometheus text exposition, names prefixed `xoauth2_proxy_`.
 //! - `GET /livez`: 200 while the process serves.
 //! - `GET /readyz`: 200 when every listener is bound, the store is readable and each provider's
 //!   token endpoint answered its last request; 503 with a JSON reason otherwise.
+
+mod page;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +39,8 @@ pub struct Views {
     pub account_labels: bool,
     /// Providers whose token endpoint did not answer its last request, with why.
     pub token_endpoints: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// The `accounts` report as of now.
+    pub accounts: Box<dyn Fn() -> Vec<crate::report::AccountReport> + Send + Sync>,
 }
 
 pub struct AdminListener {
@@ -66,16 +71,50 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         tracing::info!(bind = %addr, "admin listener: /metrics /livez /readyz");
     }
     let app = Router::new()
+        .route("/", get(status_page))
+        .route(
+            "/app.js",
+            get(|| asset("text/javascript; charset=utf-8", page::SCRIPT)),
+        )
+        .route(
+            "/app.css",
+            get(|| asset("text/css; charset=utf-8", page::STYLE)),
+        )
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(views));
+        .with_state(Arc::new(views))
+        .layer(axum::middleware::map_response(secure_headers));
     let result = axum::serve(listener.tcp, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "admin listener stopped");
     }
+}
+
+/// Every response: the strict CSP, no sniffing, no referrer, no framing.
+async fn secure_headers(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, page::CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        headers.insert(name, header::HeaderValue::from_static(value));
+    }
+    response
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, content_type)], body)
+}
+
+async fn status_page(State(views): State<Arc<Views>>) -> impl IntoResponse {
+    let rows = (views.accounts)();
+    let html = page::render(&rows, &views.listeners, crate::clock::now_unix());
+    axum::response::Html(html)
 }
 
 async fn metrics(State(views): State<Arc<Views>>) -> impl IntoResponse {

@@ -1,0 +1,124 @@
+//! The status page for people (`GET /`): accounts with their token health and what to do, and
+//! the listeners. Rendered here with every value escaped; the script and style come from this
+//! listener, so the page works offline under a strict Content-Security-Policy.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use crate::clock::{format_age, format_time};
+use crate::report::AccountReport;
+
+/// The policy every admin response carries: nothing but this origin's own script and style.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+pub const SCRIPT: &str = include_str!("app.js");
+pub const STYLE: &str = include_str!("app.css");
+
+/// Text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn render(
+    rows: &[AccountReport],
+    listeners: &[(&'static str, SocketAddr)],
+    now: i64,
+) -> String {
+    let mut html = String::from(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>xoauth2-proxy</title>\
+         <link rel=\"stylesheet\" href=\"/app.css\"><script src=\"/app.js\" defer></script></head><body>\
+         <h1>xoauth2-proxy</h1>",
+    );
+    let _ = write!(
+        html,
+        "<section><h2>Accounts ({})</h2><input id=\"filter\" type=\"search\" placeholder=\"Filter accounts\" aria-label=\"Filter accounts\">\
+         <table id=\"accounts\"><thead><tr><th>Account</th><th>Credential</th><th>Access token</th>\
+         <th>Refresh token age</th><th>App passwords</th><th>Needs attention</th></tr></thead><tbody>",
+        rows.len()
+    );
+    for row in rows {
+        account_row(&mut html, row, now);
+    }
+    html.push_str(
+        "</tbody></table><nav id=\"pages\"></nav></section><section><h2>Listeners</h2><ul>",
+    );
+    for (protocol, addr) in listeners {
+        let _ = write!(
+            html,
+            "<li>{} on {}</li>",
+            escape(protocol),
+            escape(&addr.to_string())
+        );
+    }
+    html.push_str("</ul></section></body></html>\n");
+    html
+}
+
+fn account_row(html: &mut String, row: &AccountReport, now: i64) {
+    let email = escape(&row.email);
+    let _ = write!(
+        html,
+        "<tr data-search=\"{}\"><td>{email}</td><td>{}</td>",
+        escape(&row.email.to_lowercase()),
+        escape(row.credential.words())
+    );
+    match row.access_token_expires_at {
+        Some(at) if at > now => {
+            let _ = write!(
+                html,
+                "<td data-expires=\"{at}\">{}</td>",
+                escape(&row.access_token)
+            );
+        }
+        _ => {
+            let _ = write!(html, "<td>{}</td>", escape(&row.access_token));
+        }
+    }
+    let age = row
+        .refresh_token_age_secs
+        .map(format_age)
+        .unwrap_or_default();
+    let _ = write!(html, "<td>{}</td><td><ul>", escape(&age));
+    for p in &row.password_labels {
+        let _ = write!(
+            html,
+            "<li>{} <small>(created {})</small></li>",
+            escape(&p.label),
+            escape(&format_time(p.created_at))
+        );
+    }
+    html.push_str("</ul></td>");
+    if row.attention.is_empty() {
+        html.push_str("<td class=\"ok\">all good</td></tr>");
+    } else {
+        html.push_str("<td class=\"attention\"><ul>");
+        for a in &row.attention {
+            let _ = write!(html, "<li>{}</li>", escape(a));
+        }
+        html.push_str("</ul></td></tr>");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_character_that_could_open_markup_is_escaped() {
+        assert_eq!(
+            escape("<script>alert(\"x\" & 'y')</script>"),
+            "&lt;script&gt;alert(&quot;x&quot; &amp; &#39;y&#39;)&lt;/script&gt;"
+        );
+    }
+}
