@@ -33,6 +33,70 @@ async fn get(url: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+async fn post(url: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let r = cmd::browser(false)
+        .post(url)
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn imap_login_ok(addr: std::net::SocketAddr, email: &str, password: &str) -> bool {
+    let mut c = TestClient::connect(addr).await;
+    c.read_line().await;
+    c.send_line(&format!("p1 LOGIN {email} {password}")).await;
+    c.read_imap_tagged("p1").await.0.starts_with("p1 OK")
+}
+
+/// "Add password" on the page shows a password once, which then logs in; "Remove" revokes it.
+/// Forms without this page's CSRF token, and requests to a non-loopback host name, are refused.
+async fn passwords_are_added_and_removed_from_the_page(base: &str, imap: std::net::SocketAddr) {
+    let (_, html) = get(&format!("{base}/")).await;
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_string();
+    let add = format!("{base}/passwords/add");
+    let (status, _) = post(
+        &add,
+        &[("csrf", "forged"), ("account", ALICE), ("label", "web")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, page) = post(
+        &add,
+        &[("csrf", &csrf), ("account", ALICE), ("label", "web")],
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let password = page
+        .split("<code id=\"password\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .expect("the new password on the page")
+        .to_string();
+    assert!(imap_login_ok(imap, ALICE, &password).await);
+    let (status, _) = post(
+        &format!("{base}/passwords/remove"),
+        &[("csrf", &csrf), ("account", ALICE), ("label", "web")],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(!imap_login_ok(imap, ALICE, &password).await);
+    // DNS rebinding: the same listener, reached under another name.
+    let r = cmd::browser(false)
+        .get(format!("{base}/"))
+        .header("host", "attacker.example:8025")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 421);
+}
+
 /// The status page: both accounts, every value escaped, and a policy that allows nothing but
 /// this listener's own script and style.
 async fn status_page_shows_accounts_escaped_under_a_strict_policy(base: &str) {
@@ -259,6 +323,8 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(carol_login("d2").await.starts_with("d2 OK"));
     assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+
+    passwords_are_added_and_removed_from_the_page(&base, imap_addr).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -43,6 +43,12 @@ pub struct Views {
     pub accounts: Box<dyn Fn() -> Vec<crate::report::AccountReport> + Send + Sync>,
 }
 
+/// The routes' state: the views, and this process's CSRF token for the page's forms.
+struct Admin {
+    views: Views,
+    csrf: String,
+}
+
 pub struct AdminListener {
     tcp: TcpListener,
 }
@@ -70,8 +76,14 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
     if let Some(addr) = listener.local_addr() {
         tracing::info!(bind = %addr, "admin listener: /metrics /livez /readyz");
     }
+    let csrf: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let app = Router::new()
         .route("/", get(status_page))
+        .route("/passwords/add", axum::routing::post(add_password))
+        .route("/passwords/remove", axum::routing::post(remove_password))
         .route(
             "/app.js",
             get(|| asset("text/javascript; charset=utf-8", page::SCRIPT)),
@@ -83,8 +95,9 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(views))
-        .layer(axum::middleware::map_response(secure_headers));
+        .with_state(Arc::new(Admin { views, csrf }))
+        .layer(axum::middleware::map_response(secure_headers))
+        .layer(axum::middleware::from_fn(loopback_host));
     let result = axum::serve(listener.tcp, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
@@ -111,13 +124,164 @@ async fn asset(content_type: &'static str, body: &'static str) -> impl IntoRespo
     ([(header::CONTENT_TYPE, content_type)], body)
 }
 
-async fn status_page(State(views): State<Arc<Views>>) -> impl IntoResponse {
-    let rows = (views.accounts)();
-    let html = page::render(&rows, &views.listeners, crate::clock::now_unix());
+async fn status_page(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    let rows = (admin.views.accounts)();
+    let html = page::render(
+        &rows,
+        &admin.views.listeners,
+        crate::clock::now_unix(),
+        &admin.csrf,
+    );
     axum::response::Html(html)
 }
 
-async fn metrics(State(views): State<Arc<Views>>) -> impl IntoResponse {
+/// Only requests addressed to a loopback name: a web page elsewhere can't reach this
+/// listener by pointing its own DNS name at 127.0.0.1 (DNS rebinding).
+async fn loopback_host(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return (StatusCode::MISDIRECTED_REQUEST, "use a loopback address\n").into_response();
+    }
+    next.run(request).await
+}
+
+/// A form's fields: the CSRF token, the account, the password label.
+#[derive(serde::Deserialize)]
+struct PasswordForm {
+    csrf: String,
+    account: String,
+    label: String,
+}
+
+/// The account a form names, if the CSRF token is this process's and the account configured.
+fn checked<'a>(
+    admin: &'a Admin,
+    form: &PasswordForm,
+) -> Result<&'a crate::config::AccountConfig, (StatusCode, axum::response::Html<String>)> {
+    use subtle::ConstantTimeEq;
+    if !bool::from(form.csrf.as_bytes().ct_eq(admin.csrf.as_bytes())) {
+        let text = "This form is out of date or did not come from the status page; reload the page and try again.";
+        return Err((
+            StatusCode::FORBIDDEN,
+            axum::response::Html(page::problem(text)),
+        ));
+    }
+    admin.views.registry.lookup(&form.account).ok_or_else(|| {
+        let text = format!("{} is not a configured account.", form.account);
+        (
+            StatusCode::NOT_FOUND,
+            axum::response::Html(page::problem(&text)),
+        )
+    })
+}
+
+async fn add_password(
+    State(admin): State<Arc<Admin>>,
+    axum::Form(form): axum::Form<PasswordForm>,
+) -> axum::response::Response {
+    let account = match checked(&admin, &form) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let label = form.label.trim();
+    if label.is_empty() || label.chars().count() > 64 || label.chars().any(char::is_control) {
+        let text = "A label is 1 to 64 characters, such as laptop or scanner.";
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::response::Html(page::problem(text)),
+        )
+            .into_response();
+    }
+    let store = admin.views.registry.store().clone();
+    let (key, label_owned) = (account.key(), label.to_string());
+    let added = tokio::task::spawn_blocking(move || {
+        crate::registry::add_password(&store, &key, &label_owned)
+    })
+    .await;
+    match added {
+        Ok(Ok(password)) => {
+            tracing::info!(account = %account.email, %label, "app password added from the status page");
+            let html = page::new_password(&account.email, label, password.expose());
+            (
+                [(header::CACHE_CONTROL, "no-store")],
+                axum::response::Html(html),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::CONFLICT,
+            axum::response::Html(page::problem(&e.to_string())),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::response::Html(page::problem(&e.to_string())),
+        )
+            .into_response(),
+    }
+}
+
+async fn remove_password(
+    State(admin): State<Arc<Admin>>,
+    axum::Form(form): axum::Form<PasswordForm>,
+) -> axum::response::Response {
+    let account = match checked(&admin, &form) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let store = admin.views.registry.store().clone();
+    let (key, label) = (account.key(), form.label.clone());
+    let removed =
+        tokio::task::spawn_blocking(move || crate::registry::remove_password(&store, &key, &label))
+            .await;
+    match removed {
+        Ok(Ok(true)) => {
+            tracing::info!(account = %account.email, label = %form.label, "app password removed from the status page");
+            axum::response::Redirect::to("/").into_response()
+        }
+        Ok(Ok(false)) => {
+            let text = format!(
+                "{} has no password labelled {:?}.",
+                account.email, form.label
+            );
+            (
+                StatusCode::NOT_FOUND,
+                axum::response::Html(page::problem(&text)),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::response::Html(page::problem(&e.to_string())),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::response::Html(page::problem(&e.to_string())),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    let views = &admin.views;
     crate::metrics::throttled_sources((views.throttled_sources)());
     let times = (views.token_times)();
     crate::metrics::token_times(&times, crate::clock::now_unix(), views.account_labels);
@@ -130,7 +294,8 @@ async fn metrics(State(views): State<Arc<Views>>) -> impl IntoResponse {
     )
 }
 
-async fn readyz(State(views): State<Arc<Views>>) -> impl IntoResponse {
+async fn readyz(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    let views = &admin.views;
     let mut problems = Vec::new();
     if views.listeners.len() < views.configured_listeners {
         problems.push(format!(

@@ -34,6 +34,7 @@ pub fn render(
     rows: &[AccountReport],
     listeners: &[(&'static str, SocketAddr)],
     now: i64,
+    csrf: &str,
 ) -> String {
     let mut html = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>xoauth2-proxy</title>\
@@ -48,7 +49,7 @@ pub fn render(
         rows.len()
     );
     for row in rows {
-        account_row(&mut html, row, now);
+        account_row(&mut html, row, now, csrf);
     }
     html.push_str(
         "</tbody></table><nav id=\"pages\"></nav></section><section><h2>Listeners</h2><ul>",
@@ -65,7 +66,16 @@ pub fn render(
     html
 }
 
-fn account_row(html: &mut String, row: &AccountReport, now: i64) {
+/// A POST form to this listener with the CSRF token and the account.
+fn form(html: &mut String, action: &str, csrf: &str, email: &str) {
+    let _ = write!(
+        html,
+        "<form method=\"post\" action=\"{action}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"account\" value=\"{email}\">",
+        escape(csrf)
+    );
+}
+
+fn account_row(html: &mut String, row: &AccountReport, now: i64, csrf: &str) {
     let email = escape(&row.email);
     let _ = write!(
         html,
@@ -93,12 +103,20 @@ fn account_row(html: &mut String, row: &AccountReport, now: i64) {
     for p in &row.password_labels {
         let _ = write!(
             html,
-            "<li>{} <small>(created {})</small></li>",
+            "<li>{} <small>(created {})</small>",
             escape(&p.label),
             escape(&format_time(p.created_at))
         );
+        form(html, "/passwords/remove", csrf, &email);
+        let _ = write!(
+            html,
+            "<input type=\"hidden\" name=\"label\" value=\"{}\"><button type=\"submit\">Remove</button></form></li>",
+            escape(&p.label)
+        );
     }
-    html.push_str("</ul></td>");
+    html.push_str("</ul>");
+    form(html, "/passwords/add", csrf, &email);
+    html.push_str("<input name=\"label\" placeholder=\"label, e.g. laptop\" aria-label=\"Label\" required maxlength=\"64\"><button type=\"submit\">Add password</button></form></td>");
     if row.attention.is_empty() {
         html.push_str("<td class=\"ok\">all good</td></tr>");
     } else {
@@ -108,6 +126,29 @@ fn account_row(html: &mut String, row: &AccountReport, now: i64) {
         }
         html.push_str("</ul></td></tr>");
     }
+}
+
+/// The page that shows a new app password, the only time it is shown.
+pub fn new_password(email: &str, label: &str, password: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>New app password</title>\
+         <link rel=\"stylesheet\" href=\"/app.css\"></head><body><h1>New app password</h1>\
+         <p>For {} (label {}). It is shown only this once; use it as the password in the mail client:</p>\
+         <p><code id=\"password\">{}</code></p><p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+        escape(email),
+        escape(label),
+        escape(password)
+    )
+}
+
+/// A short page that says what went wrong with an action.
+pub fn problem(text: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>xoauth2-proxy</title>\
+         <link rel=\"stylesheet\" href=\"/app.css\"></head><body><p class=\"attention\">{}</p>\
+         <p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+        escape(text)
+    )
 }
 
 #[cfg(test)]
