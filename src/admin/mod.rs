@@ -92,6 +92,8 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
             "/app.css",
             get(|| asset("text/css; charset=utf-8", page::STYLE)),
         )
+        // Browsers ask for it; an empty answer keeps their consoles clean.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -1,0 +1,90 @@
+"""The admin status page in a real headless Chromium (selenium + chromedriver): accounts are
+listed, the filter narrows them, "Add password" shows a password once that the proxy then
+accepts, and "Remove" revokes it. Screenshots go to the folder given as the last argument.
+
+    python3 page.py ADMIN_URL IMAP_HOST IMAP_PORT SCREENSHOT_DIR
+"""
+
+import imaplib
+import os
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+ADMIN, IMAP_HOST, IMAP_PORT, SHOTS = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ALICE, BOB = "alice@gmail.com", "bob@example.org"
+passed = failed = 0
+
+
+def check(ok, what):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"PASS: {what}")
+    else:
+        failed += 1
+        print(f"FAIL: {what}")
+
+
+def imap_login(password):
+    """The proxy's answer to a LOGIN: accepted locally or refused as a wrong password."""
+    with imaplib.IMAP4(IMAP_HOST, IMAP_PORT) as c:
+        try:
+            c.login(ALICE, password)
+            return "OK"
+        except imaplib.IMAP4.error as e:
+            return str(e)
+
+
+options = Options()
+for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1300,700"]:
+    options.add_argument(flag)
+options.binary_location = "/usr/bin/chromium"
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+try:
+    driver.get(ADMIN + "/")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")
+    names = [r.find_element(By.TAG_NAME, "td").text for r in rows]
+    check(names == [ALICE, BOB], f"both accounts listed ({names})")
+    check("2 of 2 accounts" in driver.find_element(By.ID, "pages").text, "the script ran (pagination)")
+    driver.save_screenshot(os.path.join(SHOTS, "1-accounts.png"))
+
+    driver.find_element(By.ID, "filter").send_keys("bob")
+    visible = [r for r in rows if r.is_displayed()]
+    check(len(visible) == 1 and BOB in visible[0].text, "the filter narrows the table to bob")
+    driver.find_element(By.ID, "filter").clear()
+    driver.get(ADMIN + "/")
+
+    alice_row = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0]
+    alice_row.find_element(By.CSS_SELECTOR, "input[name='label']:not([type='hidden'])").send_keys("browser")
+    alice_row.find_element(By.XPATH, ".//button[text()='Add password']").click()
+    password = driver.find_element(By.ID, "password").text
+    driver.save_screenshot(os.path.join(SHOTS, "2-new-password.png"))
+    check(len(password) >= 24, "Add password shows a new password once")
+    answer = imap_login(password)
+    check("not authorized with Google yet" in answer,
+          f"the new password passes the proxy's check ({answer[:60]})")
+
+    driver.get(ADMIN + "/")
+    alice_row = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0]
+    check("browser" in alice_row.text, "the page lists the new label")
+    for item in alice_row.find_elements(By.TAG_NAME, "li"):
+        if item.text.startswith("browser"):
+            item.find_element(By.XPATH, ".//button[text()='Remove']").click()
+            break
+    driver.save_screenshot(os.path.join(SHOTS, "3-removed.png"))
+    check("browser" not in driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0].text,
+          "Remove takes the label off the page")
+    answer = imap_login(password)
+    check("Invalid username or password" in answer, f"the removed password is refused ({answer[:60]})")
+    errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    check(not errors, f"no console errors (CSP violations included): {errors}")
+finally:
+    driver.quit()
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
