@@ -249,6 +249,10 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     let app = app.clone();
                     Box::new(move || account_rows(&app))
                 },
+                oauth_client: {
+                    let app = app.clone();
+                    Box::new(move |account| app.config.oauth_client(account))
+                },
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,

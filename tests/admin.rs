@@ -350,3 +350,64 @@ async fn json_log_format_writes_one_object_per_line() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorize_on_the_page_goes_through_consent_and_the_account_then_logs_in() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let text = harness::config_text(
+        &google,
+        &pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[CAROL],
+    ) + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let dir = cmd::ConfigDir::from_text(&text);
+    let carol = AccountKey::new(CAROL);
+    let password = xoauth2_proxy::registry::add_password(&dir.store(), &carol, "mail").unwrap();
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let imap_addr = serve.logged_bind("listening").await;
+    let base = format!("http://{}", serve.logged_bind("admin listener").await);
+    let login = || {
+        let pw = password.expose().to_string();
+        async move {
+            let mut c = TestClient::connect(imap_addr).await;
+            c.read_line().await;
+            c.send_line(&format!("a1 LOGIN {CAROL} {pw}")).await;
+            c.read_imap_tagged("a1").await.0
+        }
+    };
+    let before = login().await;
+    assert!(
+        before.contains("not authorized with Google yet"),
+        "{before}"
+    );
+
+    let (_, html) = get(&format!("{base}/")).await;
+    assert!(html.contains(">Authorize</button>"), "{html}");
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    // The browser: the page's form, Google's (simulated) consent, and back to this listener.
+    let page = cmd::browser(true)
+        .post(format!("{base}/authorize"))
+        .form(&[("csrf", csrf.as_str()), ("account", CAROL)])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("id=\"authorized\""), "{page}");
+    assert!(login().await.starts_with("a1 OK"));
+    let (_, html) = get(&format!("{base}/")).await;
+    assert!(html.contains(">Re-authorize</button>"), "{html}");
+    // A callback nobody started is refused.
+    let (status, body) = get(&format!("{base}/?state=forged&code=stolen")).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("unknown or has expired"), "{body}");
+}

@@ -10,6 +10,7 @@
 
 mod page;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -23,6 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::registry::Registry;
+
+/// The OAuth client an account authorizes with, or why it has none.
+pub type ClientFor = dyn Fn(&crate::config::AccountConfig) -> Result<crate::config::OAuthClient, String>
+    + Send
+    + Sync;
 
 /// What the probes look at.
 pub struct Views {
@@ -41,13 +47,29 @@ pub struct Views {
     pub token_endpoints: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     /// The `accounts` report as of now.
     pub accounts: Box<dyn Fn() -> Vec<crate::report::AccountReport> + Send + Sync>,
+    /// The OAuth client an account authorizes with.
+    pub oauth_client: Box<ClientFor>,
 }
 
-/// The routes' state: the views, and this process's CSRF token for the page's forms.
+/// The routes' state: the views, this process's CSRF token for the page's forms, and the
+/// authorizations started from the page, by their `state`.
 struct Admin {
     views: Views,
     csrf: String,
+    port: u16,
+    pending: std::sync::Mutex<HashMap<String, Pending>>,
 }
+
+/// An authorization started from the page, waiting for the browser to come back.
+struct Pending {
+    attempt: crate::oauth::flow::Attempt,
+    key: crate::account::AccountKey,
+    started: std::time::Instant,
+}
+
+/// How long a started authorization waits for the browser, and how many may wait at once.
+const AUTHORIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+const MAX_PENDING: usize = 32;
 
 pub struct AdminListener {
     tcp: TcpListener,
@@ -84,6 +106,7 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         .route("/", get(status_page))
         .route("/passwords/add", axum::routing::post(add_password))
         .route("/passwords/remove", axum::routing::post(remove_password))
+        .route("/authorize", axum::routing::post(authorize))
         .route(
             "/app.js",
             get(|| asset("text/javascript; charset=utf-8", page::SCRIPT)),
@@ -97,7 +120,12 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(Admin { views, csrf }))
+        .with_state(Arc::new(Admin {
+            views,
+            csrf,
+            port: listener.local_addr().map_or(0, |a| a.port()),
+            pending: Default::default(),
+        }))
         .layer(axum::middleware::map_response(secure_headers))
         .layer(axum::middleware::from_fn(loopback_host));
     let result = axum::serve(listener.tcp, app)
@@ -126,7 +154,14 @@ async fn asset(content_type: &'static str, body: &'static str) -> impl IntoRespo
     ([(header::CONTENT_TYPE, content_type)], body)
 }
 
-async fn status_page(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+async fn status_page(
+    State(admin): State<Arc<Admin>>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> axum::response::Response {
+    // The provider sends the browser back here (the redirect address is this listener's).
+    if params.iter().any(|(k, _)| k == "state") {
+        return authorized(&admin, &params).await;
+    }
     let rows = (admin.views.accounts)();
     let html = page::render(
         &rows,
@@ -134,7 +169,102 @@ async fn status_page(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
         crate::clock::now_unix(),
         &admin.csrf,
     );
-    axum::response::Html(html)
+    axum::response::Html(html).into_response()
+}
+
+fn problem(status: StatusCode, text: &str) -> axum::response::Response {
+    (status, axum::response::Html(page::problem(text))).into_response()
+}
+
+/// "Authorize" / "Re-authorize": send the browser to the provider's consent page, with PKCE
+/// and a state this listener remembers; the provider sends it back to `/`.
+async fn authorize(
+    State(admin): State<Arc<Admin>>,
+    axum::Form(form): axum::Form<PasswordForm>,
+) -> axum::response::Response {
+    let account = match checked(&admin, &form) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let client = match (admin.views.oauth_client)(account) {
+        Ok(c) => c,
+        Err(e) => return problem(StatusCode::CONFLICT, &e),
+    };
+    let attempt = crate::oauth::flow::Attempt::new(&account.email, client, admin.port);
+    let url = match attempt.authorization_url() {
+        Ok(u) => u,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    let mut pending = admin.pending.lock().unwrap_or_else(|e| e.into_inner());
+    pending.retain(|_, p| p.started.elapsed() < AUTHORIZE_WAIT);
+    if pending.len() >= MAX_PENDING {
+        let text = "Too many authorizations are waiting for their browser; finish or abandon one and try again.";
+        return problem(StatusCode::TOO_MANY_REQUESTS, text);
+    }
+    pending.insert(
+        attempt.state.clone(),
+        Pending {
+            attempt,
+            key: account.key(),
+            started: std::time::Instant::now(),
+        },
+    );
+    tracing::info!(account = %account.email, "authorization started from the status page");
+    axum::response::Redirect::to(&url).into_response()
+}
+
+/// The browser came back from the provider: exchange the code and store the grant.
+async fn authorized(admin: &Admin, params: &[(String, String)]) -> axum::response::Response {
+    let state = params
+        .iter()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let waiting = admin
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(state)
+        .filter(|p| p.started.elapsed() < AUTHORIZE_WAIT);
+    let Some(waiting) = waiting else {
+        let text =
+            "This authorization is unknown or has expired; start it again from the status page.";
+        return problem(StatusCode::BAD_REQUEST, text);
+    };
+    let attempt = &waiting.attempt;
+    let code = match crate::oauth::flow::code_from_redirect(attempt, params) {
+        Some(Ok(code)) => code,
+        Some(Err(e)) => return problem(StatusCode::BAD_REQUEST, &e.to_string()),
+        None => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "The provider sent neither a code nor an error.",
+            )
+        }
+    };
+    let granted = match crate::oauth::flow::finish(attempt, &code).await {
+        Ok(g) => g,
+        Err(e) => return problem(StatusCode::BAD_GATEWAY, &e.to_string()),
+    };
+    let store = admin.views.registry.store().clone();
+    let key = waiting.key.clone();
+    let saved = tokio::task::spawn_blocking(move || {
+        crate::registry::save_grant(
+            &store,
+            &key,
+            &granted.refresh_token,
+            granted.refresh_token_expires_in,
+        )
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => {
+            tracing::info!(account = %attempt.email, "authorized from the status page");
+            axum::response::Html(page::authorized(&attempt.email)).into_response()
+        }
+        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }
 
 /// Only requests addressed to a loopback name: a web page elsewhere can't reach this
@@ -169,6 +299,7 @@ async fn loopback_host(
 struct PasswordForm {
     csrf: String,
     account: String,
+    #[serde(default)]
     label: String,
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 
 use crate::clock::{format_age, format_time};
-use crate::report::AccountReport;
+use crate::report::{AccountReport, CredentialKind};
 
 /// The policy every admin response carries: nothing but this origin's own script and style.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
@@ -79,10 +79,20 @@ fn account_row(html: &mut String, row: &AccountReport, now: i64, csrf: &str) {
     let email = escape(&row.email);
     let _ = write!(
         html,
-        "<tr data-search=\"{}\"><td>{email}</td><td>{}</td>",
+        "<tr data-search=\"{}\"><td>{email}</td><td>{}",
         escape(&row.email.to_lowercase()),
         escape(row.credential.words())
     );
+    let button = match row.credential {
+        CredentialKind::Missing => Some("Authorize"),
+        CredentialKind::Authorized => Some("Re-authorize"),
+        CredentialKind::ServiceAccount => None,
+    };
+    if let Some(button) = button {
+        form(html, "/authorize", csrf, &email);
+        let _ = write!(html, "<button type=\"submit\">{button}</button></form>");
+    }
+    html.push_str("</td>");
     match row.access_token_expires_at {
         Some(at) if at > now => {
             let _ = write!(
@@ -138,6 +148,17 @@ pub fn new_password(email: &str, label: &str, password: &str) -> String {
         escape(email),
         escape(label),
         escape(password)
+    )
+}
+
+/// The page after a successful authorization.
+pub fn authorized(email: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Authorized</title>\
+         <link rel=\"stylesheet\" href=\"/app.css\"></head><body><h1>Authorized</h1>\
+         <p class=\"ok\" id=\"authorized\">{} is authorized: its refresh token is stored, and mail clients can log in.</p>\
+         <p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+        escape(email)
     )
 }
 

@@ -260,13 +260,27 @@ pub async fn complete(
     notice: &(dyn Fn(&str) + Sync),
 ) -> Result<Authorized, LoginError> {
     let code = wait_for_code(attempt, listener, pasted, timeout, notice).await?;
+    finish(attempt, &code).await
+}
+
+/// The code a redirect to this attempt's address carries (`None`: the request was no
+/// redirect at all), checked against the attempt's state.
+pub fn code_from_redirect(
+    attempt: &Attempt,
+    params: &[(String, String)],
+) -> Option<Result<Secret, LoginError>> {
+    evaluate(&attempt.judge(), params)
+}
+
+/// Exchange the code, check the grant, and prove the refresh token with one refresh.
+pub async fn finish(attempt: &Attempt, code: &Secret) -> Result<Authorized, LoginError> {
     let http = token_endpoint::http_client().map_err(|e| {
         attempt.error(ErrorKind::Exchange(GrantError::Temporary {
             detail: e,
             retry_after: None,
         }))
     })?;
-    let granted = exchange(&http, attempt, &code).await?;
+    let granted = exchange(&http, attempt, code).await?;
     let Some(refresh_token) = granted.refresh_token.clone() else {
         return Err(attempt.error(ErrorKind::NoRefreshToken));
     };
