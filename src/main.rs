@@ -253,6 +253,9 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     let app = app.clone();
                     Box::new(move |account| app.config.oauth_client(account))
                 },
+                consent_origins: url::Url::parse(&app.config.google.auth_url)
+                    .map(|u| vec![u.origin().ascii_serialization()])
+                    .unwrap_or_default(),
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,

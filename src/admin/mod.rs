@@ -49,6 +49,8 @@ pub struct Views {
     pub accounts: Box<dyn Fn() -> Vec<crate::report::AccountReport> + Send + Sync>,
     /// The OAuth client an account authorizes with.
     pub oauth_client: Box<ClientFor>,
+    /// Origins of the providers' consent pages (`https://accounts.google.com`).
+    pub consent_origins: Vec<String>,
 }
 
 /// The routes' state: the views, this process's CSRF token for the page's forms, and the
@@ -102,6 +104,7 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    let csp: Arc<str> = page::csp(&views.consent_origins).into();
     let app = Router::new()
         .route("/", get(status_page))
         .route("/passwords/add", axum::routing::post(add_password))
@@ -126,7 +129,10 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
             port: listener.local_addr().map_or(0, |a| a.port()),
             pending: Default::default(),
         }))
-        .layer(axum::middleware::map_response(secure_headers))
+        .layer(axum::middleware::map_response(move |response| {
+            let csp = csp.clone();
+            async move { secure_headers(response, &csp) }
+        }))
         .layer(axum::middleware::from_fn(loopback_host));
     let result = axum::serve(listener.tcp, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -137,10 +143,12 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
 }
 
 /// Every response: the strict CSP, no sniffing, no referrer, no framing.
-async fn secure_headers(mut response: axum::response::Response) -> axum::response::Response {
+fn secure_headers(mut response: axum::response::Response, csp: &str) -> axum::response::Response {
     let headers = response.headers_mut();
+    if let Ok(value) = header::HeaderValue::from_str(csp) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, value);
+    }
     for (name, value) in [
-        (header::CONTENT_SECURITY_POLICY, page::CSP),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::REFERRER_POLICY, "no-referrer"),
         (header::X_FRAME_OPTIONS, "DENY"),

@@ -9,7 +9,18 @@ use crate::clock::{format_age, format_time};
 use crate::report::{AccountReport, CredentialKind};
 
 /// The policy every admin response carries: nothing but this origin's own script and style.
-pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// Forms post here only, but "Authorize" is answered with a redirect to the provider's consent
+/// page, and browsers hold redirects of a form to `form-action` too: its origins are listed.
+pub fn csp(consent_origins: &[String]) -> String {
+    let mut form_action = String::from("'self'");
+    for origin in consent_origins {
+        form_action.push(' ');
+        form_action.push_str(origin);
+    }
+    format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action {form_action}; frame-ancestors 'none'"
+    )
+}
 
 pub const SCRIPT: &str = include_str!("app.js");
 pub const STYLE: &str = include_str!("app.css");
@@ -175,6 +186,16 @@ pub fn problem(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forms_may_lead_only_here_and_to_the_consent_origins() {
+        let policy = csp(&["https://accounts.google.com".into()]);
+        assert!(
+            policy.contains("form-action 'self' https://accounts.google.com;"),
+            "{policy}"
+        );
+        assert!(policy.starts_with("default-src 'none';"), "{policy}");
+    }
 
     #[test]
     fn every_character_that_could_open_markup_is_escaped() {

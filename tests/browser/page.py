@@ -1,8 +1,9 @@
 """The admin status page in a real headless Chromium (selenium + chromedriver): accounts are
-listed, the filter narrows them, "Add password" shows a password once that the proxy then
-accepts, and "Remove" revokes it. Screenshots go to the folder given as the last argument.
+listed, the filter narrows them, "Re-authorize" on a revoked account goes through the (fake)
+Google consent and back so that the account logs in again, "Add password" shows a password
+once that the proxy then accepts, and "Remove" revokes it. Screenshots go to SCREENSHOT_DIR.
 
-    python3 page.py ADMIN_URL IMAP_HOST IMAP_PORT SCREENSHOT_DIR
+    python3 page.py ADMIN_URL IMAP_HOST IMAP_PORT SCREENSHOT_DIR ALICE_PASSWORD
 """
 
 import imaplib
@@ -13,8 +14,11 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN, IMAP_HOST, IMAP_PORT, SHOTS = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ALICE_PASSWORD = sys.argv[5]
 ALICE, BOB = "alice@gmail.com", "bob@example.org"
 passed = failed = 0
 
@@ -60,14 +64,30 @@ try:
     driver.find_element(By.ID, "filter").clear()
     driver.get(ADMIN + "/")
 
+    answer = imap_login(ALICE_PASSWORD)
+    check("expired or was revoked" in answer, f"alice's grant is revoked ({answer[:60]})")
+    alice_row = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0]
+    alice_row.find_element(By.XPATH, ".//button[text()='Re-authorize']").click()
+    try:
+        WebDriverWait(driver, 15).until(expected_conditions.presence_of_element_located((By.ID, "authorized")))
+        came_back = True
+    except Exception:
+        came_back = False
+    check(came_back, f"Re-authorize comes back from the consent as authorized ({driver.current_url})")
+    driver.save_screenshot(os.path.join(SHOTS, "2-reauthorized.png"))
+    answer = imap_login(ALICE_PASSWORD)
+    # The token is good now; only the (absent) upstream stops the login.
+    check("[UNAVAILABLE]" in answer, f"alice gets a token again ({answer[:60]})")
+    driver.get(ADMIN + "/")
+
     alice_row = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0]
     alice_row.find_element(By.CSS_SELECTOR, "input[name='label']:not([type='hidden'])").send_keys("browser")
     alice_row.find_element(By.XPATH, ".//button[text()='Add password']").click()
     password = driver.find_element(By.ID, "password").text
-    driver.save_screenshot(os.path.join(SHOTS, "2-new-password.png"))
+    driver.save_screenshot(os.path.join(SHOTS, "3-new-password.png"))
     check(len(password) >= 24, "Add password shows a new password once")
     answer = imap_login(password)
-    check("not authorized with Google yet" in answer,
+    check("[UNAVAILABLE]" in answer,
           f"the new password passes the proxy's check ({answer[:60]})")
 
     driver.get(ADMIN + "/")
@@ -77,7 +97,7 @@ try:
         if item.text.startswith("browser"):
             item.find_element(By.XPATH, ".//button[text()='Remove']").click()
             break
-    driver.save_screenshot(os.path.join(SHOTS, "3-removed.png"))
+    driver.save_screenshot(os.path.join(SHOTS, "4-removed.png"))
     check("browser" not in driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0].text,
           "Remove takes the label off the page")
     answer = imap_login(password)

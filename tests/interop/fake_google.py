@@ -9,6 +9,10 @@ Endpoints
                      -> 401 {"error": "invalid_client"} for a wrong client id/secret
                      -> 503 while the endpoint is "down"
   POST /introspect   token=...  -> {"active": true, "email", "scope", ...} or {"active": false}
+  GET  /auth         the consent screen, simulated: redirects at once to redirect_uri with a code
+                     for login_hint's account (PKCE S256 challenge remembered)
+  POST /token        grant_type=authorization_code, code, code_verifier, redirect_uri
+                     -> 200 with a new refresh token as well
 
 Control (for the test runner; answers JSON)
   POST /control/add-refresh-token   refresh_token=...&email=...
@@ -22,13 +26,15 @@ Usage: fake_google.py --port N --client-id ID --client-secret S
 """
 
 import argparse
+import base64
+import hashlib
 import json
 import secrets
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 SCOPE = "https://mail.google.com/"
 
@@ -41,6 +47,7 @@ class State:
         self.expires_in = expires_in
         self.refresh = {}  # refresh token -> {"email", "revoked"}
         self.access = {}  # access token -> {"email", "exp", "active"}
+        self.codes = {}  # authorization code -> {"email", "challenge", "redirect_uri"}
         self.down = False
         self.stats = {
             "token_requests": 0,  # every POST /token, whatever the answer
@@ -88,7 +95,54 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, out)
         if self.path == "/health":
             return self._json(200, {"ok": True})
+        if self.path.startswith("/auth?"):
+            return self._consent()
         return self._json(404, {"error": "not_found"})
+
+    def _consent(self):
+        q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        code = "4/interop-" + secrets.token_urlsafe(16)
+        with STATE.lock:
+            STATE.codes[code] = {
+                "email": q.get("login_hint", ""),
+                "challenge": q.get("code_challenge", ""),
+                "redirect_uri": q.get("redirect_uri", ""),
+            }
+        target = q.get("redirect_uri", "") + "?" + urlencode({"code": code, "state": q.get("state", "")})
+        self.send_response(302)
+        self.send_header("Location", target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _code_grant(self, form):
+        """authorization_code: the code once, with the PKCE verifier of its challenge."""
+        grant = STATE.codes.pop(form.get("code", ""), None)
+        verifier = form.get("code_verifier", "").encode()
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
+        if grant is None or grant["challenge"] != challenge or grant["redirect_uri"] != form.get("redirect_uri"):
+            STATE.stats["token_failed"] += 1
+            return self._json(400, {"error": "invalid_grant", "error_description": "Bad code or verifier."})
+        refresh = "1//interop-" + secrets.token_urlsafe(24)
+        STATE.refresh[refresh] = {"email": grant["email"], "revoked": False}
+        return self._issue(grant["email"], refresh)
+
+    def _issue(self, email, refresh=None):
+        token = "ya29.interop-" + secrets.token_urlsafe(24)
+        STATE.access[token] = {
+            "email": email,
+            "exp": time.time() + STATE.expires_in,
+            "active": True,
+        }
+        STATE.stats["token_ok"] += 1
+        body = {
+            "access_token": token,
+            "expires_in": STATE.expires_in,
+            "scope": SCOPE,
+            "token_type": "Bearer",
+        }
+        if refresh:
+            body["refresh_token"] = refresh
+        return self._json(200, body)
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
@@ -112,6 +166,8 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.stats["token_failed"] += 1
                 return self._json(401, {"error": "invalid_client",
                                         "error_description": "The OAuth client was not found."})
+            if form.get("grant_type") == "authorization_code":
+                return self._code_grant(form)
             if form.get("grant_type") != "refresh_token":
                 STATE.stats["token_failed"] += 1
                 return self._json(400, {"error": "unsupported_grant_type"})
@@ -120,19 +176,7 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.stats["token_failed"] += 1
                 return self._json(400, {"error": "invalid_grant",
                                         "error_description": "Token has been expired or revoked."})
-            token = "ya29.interop-" + secrets.token_urlsafe(24)
-            STATE.access[token] = {
-                "email": entry["email"],
-                "exp": time.time() + STATE.expires_in,
-                "active": True,
-            }
-            STATE.stats["token_ok"] += 1
-            return self._json(200, {
-                "access_token": token,
-                "expires_in": STATE.expires_in,
-                "scope": SCOPE,
-                "token_type": "Bearer",
-            })
+            return self._issue(entry["email"])
 
     def _introspect(self, form):
         with STATE.lock:
