@@ -184,6 +184,15 @@ fn problem(status: StatusCode, text: &str) -> axum::response::Response {
     (status, axum::response::Html(page::problem(text))).into_response()
 }
 
+/// Why an action stopped: its status and the words the page shows.
+struct Problem(StatusCode, String);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> axum::response::Response {
+        problem(self.0, &self.1)
+    }
+}
+
 /// "Authorize" / "Re-authorize": send the browser to the provider's consent page, with PKCE
 /// and a state this listener remembers; the provider sends it back to `/`.
 async fn authorize(
@@ -254,11 +263,10 @@ async fn authorized(admin: &Admin, params: &[(String, String)]) -> axum::respons
         Ok(g) => g,
         Err(e) => return problem(StatusCode::BAD_GATEWAY, &e.to_string()),
     };
-    let store = admin.views.registry.store().clone();
     let key = waiting.key.clone();
-    let saved = tokio::task::spawn_blocking(move || {
+    let saved = store_write(admin, move |store| {
         crate::registry::save_grant(
-            &store,
+            store,
             &key,
             &granted.refresh_token,
             granted.refresh_token_expires_in,
@@ -271,7 +279,7 @@ async fn authorized(admin: &Admin, params: &[(String, String)]) -> axum::respons
             axum::response::Html(page::authorized(&attempt.email)).into_response()
         }
         Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(died) => died.into_response(),
     }
 }
 
@@ -315,22 +323,27 @@ struct PasswordForm {
 fn checked<'a>(
     admin: &'a Admin,
     form: &PasswordForm,
-) -> Result<&'a crate::config::AccountConfig, (StatusCode, axum::response::Html<String>)> {
+) -> Result<&'a crate::config::AccountConfig, Problem> {
     use subtle::ConstantTimeEq;
     if !bool::from(form.csrf.as_bytes().ct_eq(admin.csrf.as_bytes())) {
         let text = "This form is out of date or did not come from the status page; reload the page and try again.";
-        return Err((
-            StatusCode::FORBIDDEN,
-            axum::response::Html(page::problem(text)),
-        ));
+        return Err(Problem(StatusCode::FORBIDDEN, text.into()));
     }
     admin.views.registry.lookup(&form.account).ok_or_else(|| {
         let text = format!("{} is not a configured account.", form.account);
-        (
-            StatusCode::NOT_FOUND,
-            axum::response::Html(page::problem(&text)),
-        )
+        Problem(StatusCode::NOT_FOUND, text)
     })
+}
+
+/// A store write off the async threads; a task that died is a 500 page.
+async fn store_write<T: Send + 'static>(
+    admin: &Admin,
+    write: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<Result<T, crate::store::StoreError>, Problem> {
+    let store = admin.views.registry.store().clone();
+    tokio::task::spawn_blocking(move || write(&store))
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn add_password(
@@ -344,16 +357,11 @@ async fn add_password(
     let label = form.label.trim();
     if label.is_empty() || label.chars().count() > 64 || label.chars().any(char::is_control) {
         let text = "A label is 1 to 64 characters, such as laptop or scanner.";
-        return (
-            StatusCode::BAD_REQUEST,
-            axum::response::Html(page::problem(text)),
-        )
-            .into_response();
+        return problem(StatusCode::BAD_REQUEST, text);
     }
-    let store = admin.views.registry.store().clone();
     let (key, label_owned) = (account.key(), label.to_string());
-    let added = tokio::task::spawn_blocking(move || {
-        crate::registry::add_password(&store, &key, &label_owned)
+    let added = store_write(&admin, move |store| {
+        crate::registry::add_password(store, &key, &label_owned)
     })
     .await;
     match added {
@@ -366,16 +374,9 @@ async fn add_password(
             )
                 .into_response()
         }
-        Ok(Err(e)) => (
-            StatusCode::CONFLICT,
-            axum::response::Html(page::problem(&e.to_string())),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            axum::response::Html(page::problem(&e.to_string())),
-        )
-            .into_response(),
+        // Most likely a label the account already has.
+        Ok(Err(e)) => problem(StatusCode::CONFLICT, &e.to_string()),
+        Err(died) => died.into_response(),
     }
 }
 
@@ -387,11 +388,11 @@ async fn remove_password(
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
-    let store = admin.views.registry.store().clone();
     let (key, label) = (account.key(), form.label.clone());
-    let removed =
-        tokio::task::spawn_blocking(move || crate::registry::remove_password(&store, &key, &label))
-            .await;
+    let removed = store_write(&admin, move |store| {
+        crate::registry::remove_password(store, &key, &label)
+    })
+    .await;
     match removed {
         Ok(Ok(true)) => {
             tracing::info!(account = %account.email, label = %form.label, "app password removed from the status page");
@@ -402,22 +403,10 @@ async fn remove_password(
                 "{} has no password labelled {:?}.",
                 account.email, form.label
             );
-            (
-                StatusCode::NOT_FOUND,
-                axum::response::Html(page::problem(&text)),
-            )
-                .into_response()
+            problem(StatusCode::NOT_FOUND, &text)
         }
-        Ok(Err(e)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            axum::response::Html(page::problem(&e.to_string())),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            axum::response::Html(page::problem(&e.to_string())),
-        )
-            .into_response(),
+        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(died) => died.into_response(),
     }
 }
 

@@ -149,38 +149,41 @@ fn account_row(html: &mut String, row: &AccountReport, now: i64, csrf: &str) {
     }
 }
 
+/// A short page with a way back to the status page: what an action says.
+fn small_page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\
+         <link rel=\"stylesheet\" href=\"/app.css\"></head><body>{body}\
+         <p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+        escape(title)
+    )
+}
+
 /// The page that shows a new app password, the only time it is shown.
 pub fn new_password(email: &str, label: &str, password: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>New app password</title>\
-         <link rel=\"stylesheet\" href=\"/app.css\"></head><body><h1>New app password</h1>\
-         <p>For {} (label {}). It is shown only this once; use it as the password in the mail client:</p>\
-         <p><code id=\"password\">{}</code></p><p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+    let body = format!(
+        "<h1>New app password</h1><p>For {} (label {}). It is shown only this once; use it as the password in the mail client:</p>\
+         <p><code id=\"password\">{}</code></p>",
         escape(email),
         escape(label),
         escape(password)
-    )
+    );
+    small_page("New app password", &body)
 }
 
 /// The page after a successful authorization.
 pub fn authorized(email: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Authorized</title>\
-         <link rel=\"stylesheet\" href=\"/app.css\"></head><body><h1>Authorized</h1>\
-         <p class=\"ok\" id=\"authorized\">{} is authorized: its refresh token is stored, and mail clients can log in.</p>\
-         <p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+    let body = format!(
+        "<h1>Authorized</h1><p class=\"ok\" id=\"authorized\">{} is authorized: its refresh token is stored, and mail clients can log in.</p>",
         escape(email)
-    )
+    );
+    small_page("Authorized", &body)
 }
 
 /// A short page that says what went wrong with an action.
 pub fn problem(text: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>xoauth2-proxy</title>\
-         <link rel=\"stylesheet\" href=\"/app.css\"></head><body><p class=\"attention\">{}</p>\
-         <p><a href=\"/\">Back to the status page</a></p></body></html>\n",
-        escape(text)
-    )
+    let body = format!("<p class=\"attention\">{}</p>", escape(text));
+    small_page("xoauth2-proxy", &body)
 }
 
 #[cfg(test)]
