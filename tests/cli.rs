@@ -2,6 +2,7 @@
 //! trace-level run whose logs must not contain any secret or forged line, and its memory
 //! under storms of wrong logins.
 
+mod cmd;
 mod harness;
 mod support;
 
@@ -233,18 +234,11 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(20);
         let tag = format!("protocol=\"{protocol}\"");
         loop {
-            if let Some(addr) = self.log.lock().unwrap().iter().find_map(|l| {
-                (l.contains("listening") && l.contains(&tag))
-                    .then(|| {
-                        l.split("bind=")
-                            .nth(1)?
-                            .split_whitespace()
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
-                    .flatten()
-            }) {
+            let found = cmd::bind_in_log(
+                self.log.lock().unwrap().iter().map(String::as_str),
+                &["listening", &tag],
+            );
+            if let Some(addr) = found {
                 return addr;
             }
             assert!(

@@ -118,6 +118,27 @@ pub fn command(args: &[String], envs: &[(&str, &str)]) -> Command {
     c
 }
 
+/// The address after `bind=` on the first log line that contains every marker.
+pub fn bind_in_log<'a>(
+    mut lines: impl Iterator<Item = &'a str>,
+    markers: &[&str],
+) -> Option<std::net::SocketAddr> {
+    lines.find_map(|l| {
+        markers
+            .iter()
+            .all(|m| l.contains(m))
+            .then(|| {
+                l.split("bind=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .flatten()
+    })
+}
+
 /// A command that keeps running while the test interacts with it.
 pub struct Running {
     child: Child,
@@ -193,18 +214,7 @@ impl Running {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let text = self.stderr();
-            if let Some(addr) = text.lines().find_map(|l| {
-                l.contains(marker)
-                    .then(|| {
-                        l.split("bind=")
-                            .nth(1)?
-                            .split_whitespace()
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
-                    .flatten()
-            }) {
+            if let Some(addr) = bind_in_log(text.lines(), &[marker]) {
                 return addr;
             }
             assert!(
