@@ -60,10 +60,6 @@ impl Accounts {
         })
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
     /// Check a local login. Returns the account it logged in to.
     pub async fn verify(
         self: &Arc<Self>,

@@ -12,7 +12,7 @@ use crate::account::AccountKey;
 use crate::clock::now_unix;
 use crate::config::{AccountConfig, Config};
 use crate::secret::Secret;
-use crate::store::{password, AccountSecrets, PasswordEntry, Stamp, Store, StoreData, StoreError};
+use crate::store::{password, PasswordEntry, Stamp, Store, StoreData, StoreError};
 
 struct Snapshot {
     stamp: Option<Stamp>,
@@ -87,11 +87,6 @@ impl Registry {
             data: data.clone(),
         };
         Ok(data)
-    }
-
-    /// The account's stored secrets as they are now.
-    pub fn secrets(&self, key: &AccountKey) -> Result<Option<AccountSecrets>, StoreError> {
-        Ok(self.current()?.account(key).cloned())
     }
 
     pub fn refresh_token(&self, key: &AccountKey) -> Result<Option<Secret>, StoreError> {

@@ -164,11 +164,6 @@ impl Store {
         &self.dir
     }
 
-    /// Where the secrets are, for messages.
-    pub fn describe(&self) -> String {
-        self.backend.describe()
-    }
-
     /// The current version, or None if nothing was written yet.
     pub fn stamp(&self) -> Result<Option<Stamp>, StoreError> {
         self.backend.stamp()
