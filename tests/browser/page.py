@@ -83,7 +83,9 @@ try:
     alice_row = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0]
     alice_row.find_element(By.CSS_SELECTOR, "input[name='label']:not([type='hidden'])").send_keys("browser")
     alice_row.find_element(By.XPATH, ".//button[text()='Add password']").click()
-    password = driver.find_element(By.ID, "password").text
+    # The click navigates to the answer page; wait for it (hashing the password takes a moment).
+    password = WebDriverWait(driver, 30).until(
+        expected_conditions.presence_of_element_located((By.ID, "password"))).text
     driver.save_screenshot(os.path.join(SHOTS, "3-new-password.png"))
     check(len(password) >= 24, "Add password shows a new password once")
     answer = imap_login(password)
@@ -96,6 +98,8 @@ try:
     for item in alice_row.find_elements(By.TAG_NAME, "li"):
         if item.text.startswith("browser"):
             item.find_element(By.XPATH, ".//button[text()='Remove']").click()
+            # The POST answers with a redirect back to the page: wait until the old row is gone.
+            WebDriverWait(driver, 30).until(expected_conditions.staleness_of(alice_row))
             break
     driver.save_screenshot(os.path.join(SHOTS, "4-removed.png"))
     check("browser" not in driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")[0].text,
