@@ -10,6 +10,7 @@
 #   XOAUTH2_PROXY_BIN=PATH    test this binary, skip the cargo build
 #   INTEROP_KEEP=1            keep the temp dir (configs, logs) even when everything passed
 #   INTEROP_PORT_BASE=N       first port to try (default 24100); 20 consecutive free ports used
+#   INTEROP_ONLY=recipes      run only the README's client recipes (recipes.py), not checks.py
 #
 # Prints one line per check and closes with `N passed, M failed`; exits 1 if any failed.
 
@@ -38,7 +39,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 say "packages"
 missing=()
-for p in dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd curl openssl python3; do
+# The clients of the README's recipes come from Debian too (recipes.py runs them).
+for p in dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd curl openssl python3 \
+    fetchmail getmail6 mutt neomutt msmtp php-cli libphp-phpmailer; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 if ((${#missing[@]})); then
@@ -474,16 +477,25 @@ cat >"$T/env.json" <<EOF
             "imap_noca": $P_PX_IMAP_NOCA}
 }
 EOF
-say "client checks"
-while IFS= read -r line; do
-    case $line in
-    "PASS: "*) PASSED=$((PASSED + 1)); echo "$line" ;;
-    "FAIL: "*) FAILED=$((FAILED + 1)); echo "$line" ;;
-    "checks.py exit 0") ;;
-    "checks.py exit "*) FAILED=$((FAILED + 1)); echo "FAIL: ${line} (crashed or timed out; see above)" ;;
-    *) echo "   $line" ;;
-    esac
-done < <(timeout 240 python3 "$HERE/checks.py" "$T/env.json" 2>&1; echo "checks.py exit $?")
+run_checks() { # script: its PASS/FAIL lines count; a crash or timeout counts as a failure
+    local script=$1
+    shift
+    while IFS= read -r line; do
+        case $line in
+        "PASS: "*) PASSED=$((PASSED + 1)); echo "$line" ;;
+        "FAIL: "*) FAILED=$((FAILED + 1)); echo "$line" ;;
+        "$script exit 0") ;;
+        "$script exit "*) FAILED=$((FAILED + 1)); echo "FAIL: ${line} (crashed or timed out; see above)" ;;
+        *) echo "   $line" ;;
+        esac
+    done < <(timeout 240 python3 "$HERE/$script" "$@" 2>&1; echo "$script exit $?")
+}
+if [ "${INTEROP_ONLY:-}" != recipes ]; then
+    say "client checks"
+    run_checks checks.py "$T/env.json"
+fi
+say "client recipes (README.md, run as printed)"
+run_checks recipes.py "$T/env.json" "$ROOT/README.md"
 
 # ---------------------------------------------------------------------------------------------
 # Shutdown
