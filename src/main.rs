@@ -4,7 +4,7 @@
 mod check;
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -222,51 +222,98 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
     runtime()?.block_on(async {
         let listeners = xoauth2_proxy::proxy::bind(&config).await?;
         let admin = xoauth2_proxy::admin::bind(&config).await?;
+        let path = config.path.clone();
         let app = xoauth2_proxy::proxy::App::new(config)?;
+        let server = xoauth2_proxy::proxy::Server::start(app, listeners);
         let stop_admin = tokio_util::sync::CancellationToken::new();
         if let Some(admin) = admin {
-            let views = xoauth2_proxy::admin::Views {
-                registry: app.registry.clone(),
-                listeners: listeners
-                    .iter()
-                    .map(|l| (l.protocol().name(), l.local_addr()))
-                    .collect(),
-                configured_listeners: app.config.listeners.len(),
-                throttled_sources: {
-                    let app = app.clone();
-                    Box::new(move || app.throttle.slowed_sources())
-                },
-                token_times: {
-                    let app = app.clone();
-                    Box::new(move || token_times(&app))
-                },
-                account_labels: app.config.admin.as_ref().is_some_and(|a| a.account_labels),
-                token_endpoints: {
-                    let app = app.clone();
-                    Box::new(move || app.tokens.unanswered_endpoints())
-                },
-                accounts: {
-                    let app = app.clone();
-                    Box::new(move || account_rows(&app))
-                },
-                oauth_client: {
-                    let app = app.clone();
-                    Box::new(move |account| app.config.oauth_client(account))
-                },
-                consent_origins: url::Url::parse(&app.config.google.auth_url)
-                    .map(|u| vec![u.origin().ascii_serialization()])
-                    .unwrap_or_default(),
-            };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,
-                views,
+                admin_views(&server),
                 stop_admin.clone(),
             ));
         }
-        xoauth2_proxy::proxy::serve(app, listeners, shutdown_signal()).await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = reload_on_hangup(&server, &path) => {}
+        }
+        server.stop().await;
         stop_admin.cancel();
         Ok(())
     })
+}
+
+/// SIGHUP: re-read the config file; a bad one is logged and the running config stays.
+async fn reload_on_hangup(server: &std::sync::Arc<xoauth2_proxy::proxy::Server>, path: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: config reload is off");
+            return std::future::pending().await;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+        match server.reload_file(path).await {
+            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Err(e) => tracing::error!("config not reloaded, the running one stays in force: {e}"),
+        }
+    }
+    std::future::pending().await
+}
+
+/// What the admin listener sees of the running proxy: always its current config.
+fn admin_views(
+    server: &std::sync::Arc<xoauth2_proxy::proxy::Server>,
+) -> xoauth2_proxy::admin::Views {
+    let app = server.app();
+    let current = |server: &std::sync::Arc<xoauth2_proxy::proxy::Server>| {
+        let server = server.clone();
+        move || server.app()
+    };
+    let app_now = current(server);
+    xoauth2_proxy::admin::Views {
+        registry: {
+            let app = current(server);
+            Box::new(move || app().registry.clone())
+        },
+        listeners: {
+            let server = server.clone();
+            Box::new(move || {
+                server
+                    .listening()
+                    .into_iter()
+                    .map(|(protocol, addr)| (protocol.name(), addr))
+                    .collect()
+            })
+        },
+        configured_listeners: {
+            let app = current(server);
+            Box::new(move || app().config.listeners.len())
+        },
+        throttled_sources: {
+            let app = current(server);
+            Box::new(move || app().throttle.slowed_sources())
+        },
+        token_times: {
+            let app = current(server);
+            Box::new(move || token_times(&app()))
+        },
+        account_labels: app.config.admin.as_ref().is_some_and(|a| a.account_labels),
+        token_endpoints: {
+            let app = current(server);
+            Box::new(move || app().tokens.unanswered_endpoints())
+        },
+        accounts: Box::new(move || account_rows(&app_now())),
+        oauth_client: {
+            let app = current(server);
+            Box::new(move |account| app().config.oauth_client(account))
+        },
+        consent_origins: url::Url::parse(&app.config.google.auth_url)
+            .map(|u| vec![u.origin().ascii_serialization()])
+            .unwrap_or_default(),
+    }
 }
 
 fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {

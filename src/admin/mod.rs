@@ -31,12 +31,14 @@ pub type ClientFor = dyn Fn(&crate::config::AccountConfig) -> Result<crate::conf
     + Sync;
 
 /// What the probes look at.
+/// Each reads the running proxy's current config (SIGHUP may replace it).
 pub struct Views {
-    pub registry: Arc<Registry>,
+    /// The configured accounts and the store.
+    pub registry: Box<dyn Fn() -> Arc<Registry> + Send + Sync>,
     /// The protocol listeners `serve` bound, as (protocol, address).
-    pub listeners: Vec<(&'static str, SocketAddr)>,
+    pub listeners: Box<dyn Fn() -> Vec<(&'static str, SocketAddr)> + Send + Sync>,
     /// How many listeners the config asks for.
-    pub configured_listeners: usize,
+    pub configured_listeners: Box<dyn Fn() -> usize + Send + Sync>,
     /// How many client addresses the brute-force throttle is slowing down now.
     pub throttled_sources: Box<dyn Fn() -> usize + Send + Sync>,
     /// Per account: (email, access-token expiry, refresh-token issue time), unix seconds.
@@ -173,7 +175,7 @@ async fn status_page(
     let rows = (admin.views.accounts)();
     let html = page::render(
         &rows,
-        &admin.views.listeners,
+        &(admin.views.listeners)(),
         crate::clock::now_unix(),
         &admin.csrf,
     );
@@ -203,7 +205,7 @@ async fn authorize(
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
-    let client = match (admin.views.oauth_client)(account) {
+    let client = match (admin.views.oauth_client)(&account) {
         Ok(c) => c,
         Err(e) => return problem(StatusCode::CONFLICT, &e),
     };
@@ -320,16 +322,14 @@ struct PasswordForm {
 }
 
 /// The account a form names, if the CSRF token is this process's and the account configured.
-fn checked<'a>(
-    admin: &'a Admin,
-    form: &PasswordForm,
-) -> Result<&'a crate::config::AccountConfig, Problem> {
+fn checked(admin: &Admin, form: &PasswordForm) -> Result<crate::config::AccountConfig, Problem> {
     use subtle::ConstantTimeEq;
     if !bool::from(form.csrf.as_bytes().ct_eq(admin.csrf.as_bytes())) {
         let text = "This form is out of date or did not come from the status page; reload the page and try again.";
         return Err(Problem(StatusCode::FORBIDDEN, text.into()));
     }
-    admin.views.registry.lookup(&form.account).ok_or_else(|| {
+    let registry = (admin.views.registry)();
+    registry.lookup(&form.account).cloned().ok_or_else(|| {
         let text = format!("{} is not a configured account.", form.account);
         Problem(StatusCode::NOT_FOUND, text)
     })
@@ -340,7 +340,7 @@ async fn store_write<T: Send + 'static>(
     admin: &Admin,
     write: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<Result<T, crate::store::StoreError>, Problem> {
-    let store = admin.views.registry.store().clone();
+    let store = (admin.views.registry)().store().clone();
     tokio::task::spawn_blocking(move || write(&store))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
@@ -427,23 +427,22 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
 async fn readyz(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
     let views = &admin.views;
     let mut problems = Vec::new();
-    if views.listeners.len() < views.configured_listeners {
+    let (bound, configured) = ((views.listeners)(), (views.configured_listeners)());
+    if bound.len() < configured {
         problems.push(format!(
-            "{} of {} listeners are bound",
-            views.listeners.len(),
-            views.configured_listeners
+            "{} of {configured} listeners are bound",
+            bound.len()
         ));
     }
     problems.extend((views.token_endpoints)());
     // A real read, not the registry's cached view: the probe is about the store now.
-    let registry = views.registry.clone();
+    let registry = (views.registry)();
     match tokio::task::spawn_blocking(move || registry.store().load().map(|_| ())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => problems.push(format!("the store cannot be read: {e}")),
         Err(e) => problems.push(format!("the store check failed: {e}")),
     }
-    let listeners: Vec<_> = views
-        .listeners
+    let listeners: Vec<_> = bound
         .iter()
         .map(|(protocol, addr)| serde_json::json!({"protocol": protocol, "bind": addr.to_string()}))
         .collect();
