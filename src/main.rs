@@ -313,6 +313,7 @@ fn admin_views(
         consent_origins: url::Url::parse(&app.config.google.auth_url)
             .map(|u| vec![u.origin().ascii_serialization()])
             .unwrap_or_default(),
+        activity: app.activity.clone(),
     }
 }
 

@@ -411,3 +411,101 @@ async fn authorize_on_the_page_goes_through_consent_and_the_account_then_logs_in
     assert_eq!(status, 400);
     assert!(body.contains("unknown or has expired"), "{body}");
 }
+
+/// `/live.json`, which the page polls, and the page itself: sessions open per account and
+/// protocol, and the last logins and failures (an unknown user only as its digest), newest
+/// first, with nothing secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_lists_recent_logins_and_open_sessions() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let text = harness::config_text(
+        &google,
+        &pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[ALICE, CAROL],
+    ) + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let dir = cmd::ConfigDir::from_text(&text);
+    let alice = AccountKey::new(ALICE);
+    google.add_refresh_token("1//live", ALICE);
+    xoauth2_proxy::registry::save_refresh_token(&dir.store(), &alice, &"1//live".into()).unwrap();
+    let password = xoauth2_proxy::registry::add_password(&dir.store(), &alice, "live").unwrap();
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let imap_addr = serve.logged_bind("listening").await;
+    let base = format!("http://{}", serve.logged_bind("admin listener").await);
+
+    let mut open = TestClient::connect(imap_addr).await;
+    open.read_line().await;
+    open.send_line(&format!("a1 LOGIN {ALICE} {}", password.expose()))
+        .await;
+    assert!(open.read_imap_tagged("a1").await.0.starts_with("a1 OK"));
+    for (tag, user, pw) in [
+        ("b1", ALICE, "wrong-secret"),
+        ("c1", "mallory@x.com", "guess"),
+    ] {
+        let mut c = TestClient::connect(imap_addr).await;
+        c.read_line().await;
+        c.send_line(&format!("{tag} LOGIN {user} {pw}")).await;
+        assert!(c
+            .read_imap_tagged(tag)
+            .await
+            .0
+            .starts_with(&format!("{tag} NO")));
+    }
+
+    let (status, body) = get(&format!("{base}/live.json")).await;
+    assert_eq!(status, 200, "{body}");
+    let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(live["sessions"][ALICE]["imap"], 1, "{body}");
+    let events = live["events"].as_array().unwrap();
+    let summary: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["user"].as_str().unwrap().to_string(),
+                e["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(summary.len(), 3, "{body}");
+    assert_eq!(
+        summary[1],
+        (ALICE.to_string(), "wrong_password".to_string())
+    );
+    assert_eq!(summary[2], (ALICE.to_string(), "ok".to_string()));
+    assert!(summary[0].0.starts_with("unknown user "), "{body}");
+    assert_eq!(summary[0].1, "wrong_password");
+    for e in events {
+        assert_eq!(e["protocol"], "imap");
+        assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+    }
+    for secret in [password.expose(), "wrong-secret", "guess", "mallory"] {
+        assert!(!body.contains(secret), "{secret} in {body}");
+    }
+    let (_, html) = get(&format!("{base}/")).await;
+    assert!(
+        html.contains("data-sessions=\"alice@gmail.com\">imap 1<"),
+        "{html}"
+    );
+    assert!(
+        html.contains("data-sessions=\"carol@gmail.com\">none<"),
+        "{html}"
+    );
+    assert!(html.contains("<td>wrong_password</td>"), "{html}");
+
+    // The session ends: the count goes back to none.
+    open.send_line("a2 LOGOUT").await;
+    open.expect_eof().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get(&format!("{base}/live.json")).await;
+        let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if live["sessions"].as_object().is_some_and(|s| s.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -53,6 +53,8 @@ pub struct Views {
     pub oauth_client: Box<ClientFor>,
     /// Origins of the providers' consent pages (`https://accounts.google.com`).
     pub consent_origins: Vec<String>,
+    /// Recent logins and open sessions.
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 /// The routes' state: the views, this process's CSRF token for the page's forms, and the
@@ -122,6 +124,7 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         )
         // Browsers ask for it; an empty answer keeps their consoles clean.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/live.json", get(live_json))
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -175,11 +178,30 @@ async fn status_page(
     let rows = (admin.views.accounts)();
     let html = page::render(
         &rows,
-        &(admin.views.listeners)(),
+        &live(&admin.views),
         crate::clock::now_unix(),
         &admin.csrf,
     );
     axum::response::Html(html).into_response()
+}
+
+/// What the page updates every few seconds without a reload.
+fn live(views: &Views) -> page::Live {
+    page::Live {
+        sessions: views.activity.open_sessions(),
+        events: views.activity.recent(),
+        listeners: (views.listeners)()
+            .iter()
+            .map(|(protocol, addr)| format!("{protocol} on {addr}"))
+            .collect(),
+    }
+}
+
+async fn live_json(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(live(&admin.views)),
+    )
 }
 
 fn problem(status: StatusCode, text: &str) -> axum::response::Response {

@@ -45,6 +45,8 @@ pub struct App {
     pub throttle: Arc<throttle::Throttle>,
     /// Per account, the upstream IMAP sessions it may still open.
     imap_slots: Arc<ImapSlots>,
+    /// Recent logins and open sessions, for the status page; kept across reloads.
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 type ImapSlots = std::sync::Mutex<std::collections::HashMap<AccountKey, Arc<Semaphore>>>;
@@ -68,6 +70,7 @@ impl App {
             tokens,
             throttle: Default::default(),
             imap_slots: Default::default(),
+            activity: Default::default(),
         }))
     }
 
@@ -87,6 +90,7 @@ impl App {
             accounts,
             tokens,
             throttle: self.throttle.clone(),
+            activity: self.activity.clone(),
             imap_slots: if same_cap {
                 self.imap_slots.clone()
             } else {
