@@ -124,9 +124,9 @@ impl Accounts {
         }
     }
 
-    /// Whether `password` matches the Argon2 hash `phc`, on the same workers as mail logins.
-    pub async fn matches_hash(&self, password: &Secret, phc: &str) -> Result<bool, String> {
-        self.checker.verify(password, phc).await
+    /// The Argon2 workers, for other password checks (the admin login).
+    pub fn checker(&self) -> Arc<password::Checker> {
+        self.checker.clone()
     }
 
     /// How many Argon2 checks ran (cache misses).

@@ -87,6 +87,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Read a password (prompted, or one line of standard input) and print its Argon2 hash
+    /// for [admin] password_hash
+    AdminPassword,
 }
 
 #[derive(Subcommand)]
@@ -208,7 +211,61 @@ fn run(cli: Cli) -> Result<(), String> {
             } => password_remove(&config, &email, &label),
         },
         Command::Cert { config } => cert(&config),
+        Command::AdminPassword => admin_password(),
     }
+}
+
+/// `admin-password`: the hash on stdout, alone, so scripts can take it.
+fn admin_password() -> Result<(), String> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = prompt_hidden("Admin password: ")?;
+        if prompt_hidden("Same password again: ")?.expose() != first.expose() {
+            return Err("the two passwords differ; nothing printed".into());
+        }
+        first
+    } else {
+        read_secret_line()?
+    };
+    if password.expose().chars().count() < 8 {
+        return Err("use at least 8 characters for the admin password".into());
+    }
+    let hash = xoauth2_proxy::store::password::hash(&password)?;
+    eprintln!("Put this in the config as [admin] password_hash (with a [tls] section for HTTPS):");
+    println!("{hash}");
+    Ok(())
+}
+
+/// One line of standard input as a secret, without its line end.
+fn read_secret_line() -> Result<Secret, String> {
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    Ok(Secret::new(line.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+/// Ask on the terminal with echo off, so the password is not shown.
+fn prompt_hidden(prompt: &str) -> Result<Secret, String> {
+    eprint!("{prompt}");
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: tcgetattr/tcsetattr only read and write the termios struct passed by pointer.
+    let saved = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        (libc::tcgetattr(fd, &mut t) == 0).then_some(t)
+    };
+    if let Some(mut quiet) = saved {
+        quiet.c_lflag &= !libc::ECHO;
+        // SAFETY: as above.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    }
+    let line = read_secret_line();
+    if let Some(t) = saved {
+        // SAFETY: as above; restores the settings read before.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+    }
+    eprintln!();
+    line
 }
 
 fn serve(arg: &ConfigArg) -> Result<(), String> {
@@ -314,6 +371,18 @@ fn admin_views(
             .map(|u| vec![u.origin().ascii_serialization()])
             .unwrap_or_default(),
         activity: app.activity.clone(),
+        login: app
+            .config
+            .admin
+            .as_ref()
+            .and_then(|a| a.password_hash.clone())
+            .map(|hash| {
+                std::sync::Arc::new(xoauth2_proxy::admin::access::Login::new(
+                    hash,
+                    app.accounts.checker(),
+                    app.throttle.clone(),
+                ))
+            }),
     }
 }
 

@@ -509,3 +509,108 @@ async fn status_page_lists_recent_logins_and_open_sessions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An HTTPS client that trusts the test CA, with Basic auth when `password` is given.
+async fn https_get(
+    pki: &TestPki,
+    url: &str,
+    password: Option<&str>,
+    host: Option<&str>,
+) -> reqwest::Response {
+    let tls = xoauth2_proxy::tls::client_config(Some(&pki.ca_pem_path)).unwrap();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut request = client.get(url);
+    if let Some(pw) = password {
+        request = request.basic_auth("admin", Some(pw));
+    }
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    request.send().await.unwrap()
+}
+
+/// `admin-password` prints a hash; with it and `[tls]`, the admin listener may bind every
+/// address and then serves HTTPS only, behind Basic auth that the brute-force throttle slows
+/// down, answering the host names in `[admin] hosts`.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_admin_serves_https_behind_the_admin_password() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let hashed = cmd::run(
+        vec!["admin-password".into()],
+        Some("admin secret 1\n".into()),
+    )
+    .await;
+    assert!(hashed.ok(), "{hashed:?}");
+    let hash = hashed.stdout.trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hashed.stdout.contains("admin secret 1"));
+    let text = harness::config_text(
+        &google,
+        &pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[ALICE],
+    ) + &format!(
+        "\n[admin]\nbind = \"0.0.0.0:0\"\nhosts = [\"proxy.example.com\"]\npassword_hash = \"{hash}\"\n"
+    );
+    let dir = cmd::ConfigDir::from_text(&text);
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let port = serve.logged_bind("admin listener").await.port();
+    let base = format!("https://127.0.0.1:{port}");
+
+    let r = https_get(&pki, &format!("{base}/"), None, None).await;
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic "));
+    assert_eq!(
+        https_get(&pki, &format!("{base}/livez"), None, None)
+            .await
+            .status()
+            .as_u16(),
+        200,
+        "the liveness probe needs no password"
+    );
+    for _ in 0..3 {
+        let r = https_get(&pki, &format!("{base}/metrics"), Some("guess"), None).await;
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    let log = serve
+        .logged_times("repeated failed logins from this address", 1)
+        .await;
+    assert!(
+        !log.contains("guess") && !log.contains("admin secret"),
+        "{log}"
+    );
+
+    let r = https_get(&pki, &format!("{base}/"), Some("admin secret 1"), None).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains(ALICE));
+    let named = Some("proxy.example.com:443");
+    let r = https_get(
+        &pki,
+        &format!("{base}/readyz"),
+        Some("admin secret 1"),
+        named,
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let elsewhere = Some("attacker.example");
+    let r = https_get(&pki, &format!("{base}/"), Some("admin secret 1"), elsewhere).await;
+    assert_eq!(r.status().as_u16(), 421);
+    // Plain HTTP gets no page.
+    let plain = cmd::browser(false)
+        .get(format!("http://127.0.0.1:{port}/"))
+        .basic_auth("admin", Some("admin secret 1"))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+}

@@ -8,6 +8,7 @@
 //! - `GET /readyz`: 200 when every listener is bound, the store is readable and each provider's
 //!   token endpoint answered its last request; 503 with a JSON reason otherwise.
 
+pub mod access;
 mod page;
 
 use std::collections::HashMap;
@@ -55,6 +56,8 @@ pub struct Views {
     pub consent_origins: Vec<String>,
     /// Recent logins and open sessions.
     pub activity: Arc<crate::activity::Activity>,
+    /// The admin password check, when `[admin] password_hash` is set.
+    pub login: Option<Arc<access::Login>>,
 }
 
 /// The routes' state: the views, this process's CSRF token for the page's forms, and the
@@ -79,6 +82,10 @@ const MAX_PENDING: usize = 32;
 
 pub struct AdminListener {
     tcp: TcpListener,
+    /// HTTPS with the `[tls]` certificate, when a password protects the listener.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Host names requests may be addressed to, besides loopback names and the bind address.
+    hosts: Vec<String>,
 }
 
 impl AdminListener {
@@ -92,24 +99,76 @@ pub async fn bind(config: &Config) -> Result<Option<AdminListener>, String> {
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
+    let tls = match (&admin.password_hash, &config.tls) {
+        (Some(_), Some(files)) => Some(
+            crate::tls::server_config(&files.cert, &files.key)
+                .map_err(|e| format!("admin listener: {e}"))?,
+        ),
+        _ => None,
+    };
     let tcp = TcpListener::bind(admin.bind)
         .await
         .map_err(|e| format!("admin listener: cannot bind {}: {e}", admin.bind))?;
-    Ok(Some(AdminListener { tcp }))
+    Ok(Some(AdminListener {
+        tcp,
+        tls,
+        hosts: admin.hosts.clone(),
+    }))
 }
 
 /// Serve the admin routes until `cancel`.
 pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationToken) {
     crate::metrics::handle();
-    if let Some(addr) = listener.local_addr() {
-        tracing::info!(bind = %addr, "admin listener: /metrics /livez /readyz");
-    }
+    let Some(addr) = listener.local_addr() else {
+        tracing::error!("admin listener: its socket has no address");
+        return;
+    };
+    let scheme = if listener.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(bind = %addr, %scheme, "admin listener: /metrics /livez /readyz");
     let csrf: String = rand::random::<[u8; 32]>()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     let csp: Arc<str> = page::csp(&views.consent_origins).into();
-    let app = Router::new()
+    let login = views.login.clone();
+    let hosts = Arc::new((addr, listener.hosts));
+    let app = routes()
+        .with_state(Arc::new(Admin {
+            views,
+            csrf,
+            port: addr.port(),
+            pending: Default::default(),
+        }))
+        .layer(axum::middleware::from_fn_with_state(
+            login,
+            access::require_login,
+        ))
+        .layer(axum::middleware::map_response(move |response| {
+            let csp = csp.clone();
+            async move { secure_headers(response, &csp) }
+        }))
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            access::check_host,
+        ));
+    let incoming = access::Incoming::new(listener.tcp, listener.tls);
+    let result = axum::serve(
+        incoming,
+        app.into_make_service_with_connect_info::<access::Peer>(),
+    )
+    .with_graceful_shutdown(async move { cancel.cancelled().await })
+    .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener stopped");
+    }
+}
+
+fn routes() -> Router<Arc<Admin>> {
+    Router::new()
         .route("/", get(status_page))
         .route("/passwords/add", axum::routing::post(add_password))
         .route("/passwords/remove", axum::routing::post(remove_password))
@@ -128,23 +187,6 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(Admin {
-            views,
-            csrf,
-            port: listener.local_addr().map_or(0, |a| a.port()),
-            pending: Default::default(),
-        }))
-        .layer(axum::middleware::map_response(move |response| {
-            let csp = csp.clone();
-            async move { secure_headers(response, &csp) }
-        }))
-        .layer(axum::middleware::from_fn(loopback_host));
-    let result = axum::serve(listener.tcp, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin listener stopped");
-    }
 }
 
 /// Every response: the strict CSP, no sniffing, no referrer, no framing.
@@ -305,33 +347,6 @@ async fn authorized(admin: &Admin, params: &[(String, String)]) -> axum::respons
         Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(died) => died.into_response(),
     }
-}
-
-/// Only requests addressed to a loopback name: a web page elsewhere can't reach this
-/// listener by pointing its own DNS name at 127.0.0.1 (DNS rebinding).
-async fn loopback_host(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    };
-    let loopback = name.eq_ignore_ascii_case("localhost")
-        || name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        return (StatusCode::MISDIRECTED_REQUEST, "use a loopback address\n").into_response();
-    }
-    next.run(request).await
 }
 
 /// A form's fields: the CSRF token, the account, the password label.

@@ -48,6 +48,20 @@ pub fn generate() -> Result<(Secret, String), String> {
     Ok((password, hash))
 }
 
+/// An Argon2id PHC string of a password chosen by a person (`admin-password`).
+pub fn hash(password: &Secret) -> Result<String, String> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("hashing password: {e}"))
+}
+
+/// Whether `phc` is an Argon2 PHC string (`$argon2id$v=19$m=...`).
+pub fn is_argon2(phc: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|h| h.algorithm.as_str().starts_with("argon2"))
+}
+
 /// The id of the hash a password names, if it has the current format.
 fn password_id(password: &str) -> Option<&str> {
     let named =
