@@ -614,3 +614,117 @@ async fn remote_admin_serves_https_behind_the_admin_password() {
         .await;
     assert!(plain.is_err(), "{plain:?}");
 }
+
+/// Start the config's admin listener with CAROL unauthorized; returns the running serve, the
+/// IMAP address, the admin base URL, the page's CSRF token and Carol's password.
+async fn admin_with_unauthorized_carol(
+    google: &FakeGoogle,
+    pki: &TestPki,
+    imap: &FakeImap,
+    admin: &str,
+) -> (
+    cmd::ConfigDir,
+    cmd::Running,
+    std::net::SocketAddr,
+    String,
+    String,
+    String,
+) {
+    let text = harness::config_text(
+        google,
+        pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[CAROL],
+    ) + admin;
+    let dir = cmd::ConfigDir::from_text(&text);
+    let carol = AccountKey::new(CAROL);
+    let password = xoauth2_proxy::registry::add_password(&dir.store(), &carol, "mail").unwrap();
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let imap_addr = serve.logged_bind("listening").await;
+    let admin = serve.logged_bind("admin listener:").await;
+    let base = format!("http://{admin}");
+    let (_, html) = get(&format!("{base}/")).await;
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let password = password.expose().to_string();
+    (dir, serve, imap_addr, base, csrf, password)
+}
+
+/// A remote browser can't load the 127.0.0.1 address consent sends it to: the person pastes
+/// that address into the page's form, which finishes the authorization (state checked, PKCE).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pasted_redirect_address_finishes_an_authorization_started_on_the_page() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let admin = "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let (_dir, _serve, imap_addr, base, csrf, password) =
+        admin_with_unauthorized_carol(&google, &pki, &imap, admin).await;
+    let (_, html) = get(&format!("{base}/")).await;
+    assert!(html.contains("action=\"/authorize/finish\""), "{html}");
+
+    // The browser: the page's form, then consent, which sends it back to an address that
+    // (on another device) would not load; nobody follows that last redirect.
+    let consent = cmd::browser(false)
+        .post(format!("{base}/authorize"))
+        .form(&[("csrf", csrf.as_str()), ("account", CAROL)])
+        .send()
+        .await
+        .unwrap();
+    let consent_url = consent.headers()["location"].to_str().unwrap().to_string();
+    let back = cmd::browser(false).get(&consent_url).send().await.unwrap();
+    let redirected = back.headers()["location"].to_str().unwrap().to_string();
+    assert!(redirected.contains("code="), "{redirected}");
+
+    let finish = format!("{base}/authorize/finish");
+    let forged = redirected.replace("state=", "state=x");
+    let (status, page) = post(&finish, &[("csrf", &csrf), ("redirect", &forged)]).await;
+    assert_eq!(status, 400, "{page}");
+    let (status, _) = post(&finish, &[("csrf", "forged"), ("redirect", &redirected)]).await;
+    assert_eq!(status, 403);
+    let (status, page) = post(&finish, &[("csrf", &csrf), ("redirect", "hello")]).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("Paste the whole address"), "{page}");
+    let (status, page) = post(&finish, &[("csrf", &csrf), ("redirect", &redirected)]).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("id=\"authorized\""), "{page}");
+    assert!(imap_login_ok(imap_addr, CAROL, &password).await);
+    // Used once: the same address again finds no authorization waiting.
+    let (status, _) = post(&finish, &[("csrf", &csrf), ("redirect", &redirected)]).await;
+    assert_eq!(status, 400);
+}
+
+/// An admin listener on [::1] can't receive redirects to 127.0.0.1 itself: a loopback
+/// callback listener of its own does, and the authorization completes in the browser.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_listener_on_ipv6_loopback_still_receives_the_consent_redirect() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let admin = "\n[admin]\nbind = \"[::1]:0\"\n";
+    let (_dir, serve, imap_addr, base, csrf, password) =
+        admin_with_unauthorized_carol(&google, &pki, &imap, admin).await;
+    assert!(base.starts_with("http://[::1]:"), "{base}");
+    let callback = serve
+        .logged_bind("authorization redirects arrive here")
+        .await;
+    assert!(
+        callback.ip().is_loopback() && callback.is_ipv4(),
+        "{callback}"
+    );
+    let page = cmd::browser(true)
+        .post(format!("{base}/authorize"))
+        .form(&[("csrf", csrf.as_str()), ("account", CAROL)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.url().port(), Some(callback.port()));
+    let page = page.text().await.unwrap();
+    assert!(page.contains("id=\"authorized\""), "{page}");
+    assert!(imap_login_ok(imap_addr, CAROL, &password).await);
+}

@@ -135,26 +135,37 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         .collect();
     let csp: Arc<str> = page::csp(&views.consent_origins).into();
     let login = views.login.clone();
+    let callback = callback_listener(addr, listener.tls.is_some()).await;
+    let port = callback
+        .as_ref()
+        .and_then(|c| c.local_addr().ok())
+        .map_or(addr.port(), |a| a.port());
+    let state = Arc::new(Admin {
+        views,
+        csrf,
+        port,
+        pending: Default::default(),
+    });
     let hosts = Arc::new((addr, listener.hosts));
+    if let Some(callback) = callback {
+        let app = Router::new()
+            .route("/", get(callback_page))
+            .with_state(state.clone());
+        let app = protected(app, &csp, hosts.clone());
+        let stop = cancel.clone().cancelled_owned();
+        tokio::spawn(async move {
+            let _ = axum::serve(callback, app)
+                .with_graceful_shutdown(stop)
+                .await;
+        });
+    }
     let app = routes()
-        .with_state(Arc::new(Admin {
-            views,
-            csrf,
-            port: addr.port(),
-            pending: Default::default(),
-        }))
+        .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             login,
             access::require_login,
-        ))
-        .layer(axum::middleware::map_response(move |response| {
-            let csp = csp.clone();
-            async move { secure_headers(response, &csp) }
-        }))
-        .layer(axum::middleware::from_fn_with_state(
-            hosts,
-            access::check_host,
         ));
+    let app = protected(app, &csp, hosts);
     let incoming = access::Incoming::new(listener.tcp, listener.tls);
     let result = axum::serve(
         incoming,
@@ -167,12 +178,68 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
     }
 }
 
+/// Every response carries the strict headers; requests to other host names are refused.
+fn protected(app: Router, csp: &Arc<str>, hosts: Arc<(SocketAddr, Vec<String>)>) -> Router {
+    let csp = csp.clone();
+    app.layer(axum::middleware::map_response(move |response| {
+        let csp = csp.clone();
+        async move { secure_headers(response, &csp) }
+    }))
+    .layer(axum::middleware::from_fn_with_state(
+        hosts,
+        access::check_host,
+    ))
+}
+
+/// Providers send the browser back to `http://127.0.0.1:PORT/`. When this listener can't
+/// receive that itself (HTTPS, or bound to [::1] or another address), a plain loopback
+/// listener of its own takes the redirects; it answers nothing else.
+async fn callback_listener(bind: SocketAddr, tls: bool) -> Option<TcpListener> {
+    let reachable = match bind.ip() {
+        std::net::IpAddr::V4(ip) => {
+            ip.is_loopback() && ip.octets() == [127, 0, 0, 1] || ip.is_unspecified()
+        }
+        std::net::IpAddr::V6(_) => false,
+    };
+    if reachable && !tls {
+        return None;
+    }
+    match crate::oauth::flow::bind_loopback().await {
+        Ok(l) => {
+            if let Ok(at) = l.local_addr() {
+                tracing::info!(bind = %at, "admin listener: authorization redirects arrive here");
+            }
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "admin listener: cannot listen on 127.0.0.1 for authorization redirects; paste the redirected address on the status page instead");
+            None
+        }
+    }
+}
+
+/// The loopback callback listener's one page.
+async fn callback_page(
+    State(admin): State<Arc<Admin>>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> axum::response::Response {
+    if params.iter().any(|(k, _)| k == "state") {
+        return authorized(&admin, &params).await;
+    }
+    let text = "This address only receives authorizations started from the status page.";
+    problem(StatusCode::NOT_FOUND, text)
+}
+
 fn routes() -> Router<Arc<Admin>> {
     Router::new()
         .route("/", get(status_page))
         .route("/passwords/add", axum::routing::post(add_password))
         .route("/passwords/remove", axum::routing::post(remove_password))
         .route("/authorize", axum::routing::post(authorize))
+        .route(
+            "/authorize/finish",
+            axum::routing::post(finish_authorization),
+        )
         .route(
             "/app.js",
             get(|| asset("text/javascript; charset=utf-8", page::SCRIPT)),
@@ -349,6 +416,35 @@ async fn authorized(admin: &Admin, params: &[(String, String)]) -> axum::respons
     }
 }
 
+/// The paste form's fields: the CSRF token and the address the browser ended at.
+#[derive(serde::Deserialize)]
+struct FinishForm {
+    csrf: String,
+    redirect: String,
+}
+
+/// The browser could not reach the redirect address (it is not on this machine): the person
+/// pasted that address, whose state names the authorization to finish.
+async fn finish_authorization(
+    State(admin): State<Arc<Admin>>,
+    axum::Form(form): axum::Form<FinishForm>,
+) -> axum::response::Response {
+    if let Err(e) = csrf_ok(&admin, &form.csrf) {
+        return e.into_response();
+    }
+    let pasted = form.redirect.trim();
+    let params = match crate::oauth::flow::pasted_query(pasted) {
+        _ if pasted.len() > 8192 => Err("That address is too long to be a redirect.".to_string()),
+        Some(Ok(params)) if params.iter().any(|(k, _)| k == "state") => Ok(params),
+        Some(Err(why)) => Err(format!("{why}.")),
+        _ => Err("Paste the whole address the browser ended at after you allowed access; it starts with http://127.0.0.1: and has state= and code= in it.".into()),
+    };
+    match params {
+        Ok(params) => authorized(&admin, &params).await,
+        Err(why) => problem(StatusCode::BAD_REQUEST, &why),
+    }
+}
+
 /// A form's fields: the CSRF token, the account, the password label.
 #[derive(serde::Deserialize)]
 struct PasswordForm {
@@ -360,16 +456,22 @@ struct PasswordForm {
 
 /// The account a form names, if the CSRF token is this process's and the account configured.
 fn checked(admin: &Admin, form: &PasswordForm) -> Result<crate::config::AccountConfig, Problem> {
-    use subtle::ConstantTimeEq;
-    if !bool::from(form.csrf.as_bytes().ct_eq(admin.csrf.as_bytes())) {
-        let text = "This form is out of date or did not come from the status page; reload the page and try again.";
-        return Err(Problem(StatusCode::FORBIDDEN, text.into()));
-    }
+    csrf_ok(admin, &form.csrf)?;
     let registry = (admin.views.registry)();
     registry.lookup(&form.account).cloned().ok_or_else(|| {
         let text = format!("{} is not a configured account.", form.account);
         Problem(StatusCode::NOT_FOUND, text)
     })
+}
+
+/// Whether a form carries this process's CSRF token.
+fn csrf_ok(admin: &Admin, token: &str) -> Result<(), Problem> {
+    use subtle::ConstantTimeEq;
+    if bool::from(token.as_bytes().ct_eq(admin.csrf.as_bytes())) {
+        return Ok(());
+    }
+    let text = "This form is out of date or did not come from the status page; reload the page and try again.";
+    Err(Problem(StatusCode::FORBIDDEN, text.into()))
 }
 
 /// A store write off the async threads; a task that died is a 500 page.

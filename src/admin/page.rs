@@ -82,9 +82,9 @@ pub fn render(rows: &[AccountReport], live: &Live, now: i64, csrf: &str) -> Stri
     for row in rows {
         account_row(&mut html, row, &live.sessions, now, csrf);
     }
-    html.push_str(
-        "</tbody></table><nav id=\"pages\"></nav></section><section><h2>Listeners</h2><ul id=\"listeners\">",
-    );
+    html.push_str("</tbody></table><nav id=\"pages\"></nav></section>");
+    finish_form(&mut html, csrf);
+    html.push_str("<section><h2>Listeners</h2><ul id=\"listeners\">");
     for listener in &live.listeners {
         let _ = write!(html, "<li>{}</li>", escape(listener));
     }
@@ -107,6 +107,20 @@ pub fn render(rows: &[AccountReport], live: &Live, now: i64, csrf: &str) -> Stri
     }
     html.push_str("</tbody></table></section></body></html>\n");
     html
+}
+
+/// Where a person pastes the address the provider's consent sent the browser to, when that
+/// browser is not on this machine and so could not load it.
+fn finish_form(html: &mut String, csrf: &str) {
+    let _ = write!(
+        html,
+        "<section><h2>Finish an authorization from another device</h2>\
+         <p>After Authorize, the provider sends the browser to an address on 127.0.0.1. If that browser is not on this proxy's machine, the page does not load: copy its whole address from the address bar and paste it here.</p>\
+         <form method=\"post\" action=\"/authorize/finish\" id=\"finish\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <input name=\"redirect\" id=\"redirect\" placeholder=\"the address, 127.0.0.1:…/?state=…&amp;code=…\" aria-label=\"Redirected address\" required maxlength=\"8192\" size=\"60\">\
+         <button type=\"submit\">Finish authorization</button></form></section>",
+        escape(csrf)
+    );
 }
 
 /// A POST form to this listener with the CSRF token and the account.
