@@ -535,7 +535,7 @@ fn admin(raw: &RawAdmin, have_tls: bool, cx: &Context) -> Result<AdminConfig, Co
     })?;
     let password_hash = raw.password_hash.clone().filter(|h| !h.is_empty());
     if let Some(hash) = &password_hash {
-        if !crate::store::password::is_argon2(hash.expose()) {
+        if !is_argon2(hash.expose()) {
             return Err(cx.invalid(
                 "[admin] password_hash is not an Argon2 hash; `xoauth2-proxy admin-password` prints one".into(),
             ));
@@ -563,6 +563,12 @@ fn admin(raw: &RawAdmin, have_tls: bool, cx: &Context) -> Result<AdminConfig, Co
             .map(|h| h.trim().to_ascii_lowercase())
             .collect(),
     })
+}
+
+/// Whether `phc` is an Argon2 PHC string (`$argon2id$v=19$m=...`).
+fn is_argon2(phc: &str) -> bool {
+    argon2::password_hash::PasswordHash::new(phc)
+        .is_ok_and(|h| h.algorithm.as_str().starts_with("argon2"))
 }
 
 fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {

@@ -134,3 +134,70 @@ async fn sighup_adds_and_removes_accounts_listeners_and_limits_and_keeps_open_se
     }
     assert!(tokio::net::TcpStream::connect(imap_addr).await.is_err());
 }
+
+/// An IMAP login and SELECT: how many messages the upstream behind `addr` has for Alice.
+async fn inbox_size(addr: SocketAddr, password: &str) -> String {
+    let mut c = TestClient::connect(addr).await;
+    c.read_line().await;
+    c.send_line(&format!("a1 LOGIN {ALICE} {password}")).await;
+    assert!(c.read_imap_tagged("a1").await.0.starts_with("a1 OK"));
+    c.send_line("a2 SELECT INBOX").await;
+    let (_, body) = c.read_imap_tagged("a2").await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find(|l| l.ends_with(" EXISTS"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A listener whose address stays keeps its socket and takes its new settings for new
+/// connections; a reload that cannot bind a new port changes nothing at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_address_takes_new_settings_and_an_unbindable_port_changes_nothing() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let empty = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let full = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    full.add_message(ALICE, b"Subject: hi\r\n\r\nhello\r\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fixed = |upstream: SocketAddr| {
+        harness::config_text(
+            &google,
+            &pki,
+            &[ListenerSpec::new("imap", upstream)],
+            &[ALICE],
+        )
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+    };
+    let dir = cmd::ConfigDir::from_text(&fixed(empty.addr));
+    let password = authorize(&dir, &google, ALICE);
+    let config = dir.config();
+    let bound = xoauth2_proxy::proxy::bind(&config).await.unwrap();
+    let app = xoauth2_proxy::proxy::App::new(config).unwrap();
+    let server = xoauth2_proxy::proxy::Server::start(app, bound);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(inbox_size(addr, &password).await, "* 0 EXISTS");
+
+    std::fs::write(&dir.path, fixed(full.addr)).unwrap();
+    let summary = server.reload_file(&dir.path).await.unwrap();
+    assert!(summary.contains("1 kept, 0 added, 0 closed"), "{summary}");
+    assert_eq!(inbox_size(addr, &password).await, "* 1 EXISTS");
+
+    // A second listener on a port someone else holds: refused, and the first stays as it was.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let two = fixed(empty.addr)
+        + &format!(
+            "\n[[listener]]\nprotocol = \"pop3\"\nbind = \"{busy}\"\nupstream = \"127.0.0.1:9\"\n"
+        );
+    std::fs::write(&dir.path, two).unwrap();
+    let err = server.reload_file(&dir.path).await.unwrap_err();
+    assert!(err.contains(&format!("cannot bind {busy}")), "{err}");
+    assert_eq!(server.listening().len(), 1);
+    assert_eq!(inbox_size(addr, &password).await, "* 1 EXISTS");
+    server.stop().await;
+}

@@ -196,9 +196,7 @@ fn protected(app: Router, csp: &Arc<str>, hosts: Arc<(SocketAddr, Vec<String>)>)
 /// listener of its own takes the redirects; it answers nothing else.
 async fn callback_listener(bind: SocketAddr, tls: bool) -> Option<TcpListener> {
     let reachable = match bind.ip() {
-        std::net::IpAddr::V4(ip) => {
-            ip.is_loopback() && ip.octets() == [127, 0, 0, 1] || ip.is_unspecified()
-        }
+        std::net::IpAddr::V4(ip) => ip == std::net::Ipv4Addr::LOCALHOST || ip.is_unspecified(),
         std::net::IpAddr::V6(_) => false,
     };
     if reachable && !tls {

@@ -53,6 +53,9 @@ impl Server {
                     let Some(mut l) = old_listeners[i].take() else {
                         continue;
                     };
+                    if l.config != ctx.config {
+                        tracing::info!(protocol = ctx.config.protocol.name(), bind = %l.addr, "listener settings changed; new connections get them");
+                    }
                     l.config = ctx.config.clone();
                     *write(&l.ctx) = ctx;
                     l

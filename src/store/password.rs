@@ -57,11 +57,6 @@ pub fn hash(password: &Secret) -> Result<String, String> {
         .map_err(|e| format!("hashing password: {e}"))
 }
 
-/// Whether `phc` is an Argon2 PHC string (`$argon2id$v=19$m=...`).
-pub fn is_argon2(phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| h.algorithm.as_str().starts_with("argon2"))
-}
-
 /// The id of the hash a password names, if it has the current format.
 fn password_id(password: &str) -> Option<&str> {
     let named =
