@@ -33,7 +33,7 @@ pub struct Accounts {
     /// a password not yet cached waits for one Argon2 run instead of starting its own.
     in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     /// Argon2 runs, on a fixed set of workers whose memory is reused.
-    checker: password::Checker,
+    checker: Arc<password::Checker>,
     cache_key: [u8; 32],
     /// Verified against for unknown users, so they cost the same time as known ones.
     decoy_hash: String,
@@ -54,7 +54,7 @@ impl Accounts {
             registry,
             verified: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            checker: password::Checker::new(),
+            checker: Arc::new(password::Checker::new()),
             cache_key: rand::random(),
             decoy_hash,
         })
@@ -103,6 +103,30 @@ impl Accounts {
             in_flight.remove(&digest);
         }
         result
+    }
+
+    /// The same checks against a reloaded config's registry: the Argon2 workers, the cache of
+    /// verified passwords and the decoy carry over (a cached entry still counts only while its
+    /// hash is in the store).
+    pub fn reconfigured(&self, registry: Arc<Registry>) -> Accounts {
+        let verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Accounts {
+            registry,
+            verified: Mutex::new(verified),
+            in_flight: Mutex::new(HashMap::new()),
+            checker: self.checker.clone(),
+            cache_key: self.cache_key,
+            decoy_hash: self.decoy_hash.clone(),
+        }
+    }
+
+    /// The Argon2 workers, for other password checks (the admin login).
+    pub fn checker(&self) -> Arc<password::Checker> {
+        self.checker.clone()
     }
 
     /// How many Argon2 checks ran (cache misses).

@@ -84,6 +84,9 @@ struct RawAdmin {
     bind: String,
     #[serde(default)]
     account_labels: bool,
+    password_hash: Option<Secret>,
+    #[serde(default)]
+    hosts: Vec<String>,
 }
 
 /// How `serve` writes its log lines on stderr.
@@ -103,6 +106,11 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Per-account gauges carry an `account` label (opt-in: emails in the metrics store).
     pub account_labels: bool,
+    /// Argon2 PHC hash of the admin password: set, the listener serves HTTPS with Basic auth
+    /// (and may bind a non-loopback address).
+    pub password_hash: Option<Secret>,
+    /// Host names browsers may use to reach it, besides loopback names and the bind address.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -204,7 +212,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub protocol: Protocol,
     pub bind: SocketAddr,
@@ -344,7 +352,11 @@ impl Config {
             google: google(raw.providers.google.unwrap_or_default(), &cx)?,
             accounts: accounts(&raw.account, &cx)?,
             limits: limits(&raw.limits, &cx)?,
-            admin: raw.admin.as_ref().map(|a| admin(a, &cx)).transpose()?,
+            admin: raw
+                .admin
+                .as_ref()
+                .map(|a| admin(a, raw.tls.is_some(), &cx))
+                .transpose()?,
             log_format: raw.log_format,
         })
     }
@@ -514,23 +526,49 @@ fn trusted_proxies(
     Ok(nets)
 }
 
-fn admin(raw: &RawAdmin, cx: &Context) -> Result<AdminConfig, ConfigError> {
+fn admin(raw: &RawAdmin, have_tls: bool, cx: &Context) -> Result<AdminConfig, ConfigError> {
     let bind: SocketAddr = raw.bind.parse().map_err(|_| {
         cx.invalid(format!(
             "[admin] bind = {:?} must be IP:PORT such as 127.0.0.1:8025",
             raw.bind
         ))
     })?;
-    // Metrics and probes name accounts and listeners: not for the network without a login.
-    if !bind.ip().is_loopback() {
+    let password_hash = raw.password_hash.clone().filter(|h| !h.is_empty());
+    if let Some(hash) = &password_hash {
+        if !is_argon2(hash.expose()) {
+            return Err(cx.invalid(
+                "[admin] password_hash is not an Argon2 hash; `xoauth2-proxy admin-password` prints one".into(),
+            ));
+        }
+        if !have_tls {
+            return Err(cx.invalid(
+                "[admin] password_hash needs a [tls] section with cert and key: the admin listener then serves HTTPS, so the password never crosses the network in clear".into(),
+            ));
+        }
+    }
+    // Metrics, probes and the page name accounts and can authorize them: not for the network
+    // without a login over TLS.
+    if !bind.ip().is_loopback() && password_hash.is_none() {
         return Err(cx.invalid(format!(
-            "[admin] bind = {bind}: the admin listener serves loopback addresses only (127.0.0.1, ::1); reach it through a local Prometheus agent or an SSH tunnel"
+            "[admin] bind = {bind}: without a login the admin listener serves loopback addresses only (127.0.0.1, ::1); for remote access set [admin] password_hash (`xoauth2-proxy admin-password` prints one) and a [tls] cert and key, or reach it through an SSH tunnel"
         )));
     }
     Ok(AdminConfig {
         bind,
         account_labels: raw.account_labels,
+        password_hash,
+        hosts: raw
+            .hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect(),
     })
+}
+
+/// Whether `phc` is an Argon2 PHC string (`$argon2id$v=19$m=...`).
+fn is_argon2(phc: &str) -> bool {
+    argon2::password_hash::PasswordHash::new(phc)
+        .is_ok_and(|h| h.algorithm.as_str().starts_with("argon2"))
 }
 
 fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {
@@ -793,6 +831,24 @@ email = "Alice@Gmail.com"
             .unwrap_err()
             .to_string();
         assert!(err.contains("loopback addresses only"), "{err}");
+        let err = parse("[admin]\nbind = \"0.0.0.0:8025\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a [tls] section"), "{err}");
+        let err = parse("[admin]\nbind = \"127.0.0.1:8025\"\npassword_hash = \"hunter2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin-password"), "{err}");
+        let remote = parse("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[admin]\nbind = \"0.0.0.0:8025\"\nhosts = [\"Proxy.Example.com\"]\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI\"\n")
+            .unwrap()
+            .admin
+            .unwrap();
+        assert!(remote.password_hash.is_some());
+        assert_eq!(remote.hosts, ["proxy.example.com"]);
+        assert!(
+            !format!("{remote:?}").contains("argon2id"),
+            "redacted in Debug"
+        );
         let err = parse("log_format = \"xml\"\n").unwrap_err().to_string();
         assert!(err.contains("log_format") || err.contains("xml"), "{err}");
     }

@@ -4,6 +4,7 @@
 
 pub mod account;
 pub mod accounts;
+pub mod activity;
 pub mod admin;
 pub mod clock;
 pub mod config;

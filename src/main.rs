@@ -4,7 +4,7 @@
 mod check;
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -87,6 +87,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Read a password (prompted, or one line of standard input) and print its Argon2 hash
+    /// for [admin] password_hash
+    AdminPassword,
 }
 
 #[derive(Subcommand)]
@@ -208,7 +211,61 @@ fn run(cli: Cli) -> Result<(), String> {
             } => password_remove(&config, &email, &label),
         },
         Command::Cert { config } => cert(&config),
+        Command::AdminPassword => admin_password(),
     }
+}
+
+/// `admin-password`: the hash on stdout, alone, so scripts can take it.
+fn admin_password() -> Result<(), String> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = prompt_hidden("Admin password: ")?;
+        if prompt_hidden("Same password again: ")?.expose() != first.expose() {
+            return Err("the two passwords differ; nothing printed".into());
+        }
+        first
+    } else {
+        read_secret_line()?
+    };
+    if password.expose().chars().count() < 8 {
+        return Err("use at least 8 characters for the admin password".into());
+    }
+    let hash = xoauth2_proxy::store::password::hash(&password)?;
+    eprintln!("Put this in the config as [admin] password_hash (with a [tls] section for HTTPS):");
+    println!("{hash}");
+    Ok(())
+}
+
+/// One line of standard input as a secret, without its line end.
+fn read_secret_line() -> Result<Secret, String> {
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    Ok(Secret::new(line.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+/// Ask on the terminal with echo off, so the password is not shown.
+fn prompt_hidden(prompt: &str) -> Result<Secret, String> {
+    eprint!("{prompt}");
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: tcgetattr/tcsetattr only read and write the termios struct passed by pointer.
+    let saved = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        (libc::tcgetattr(fd, &mut t) == 0).then_some(t)
+    };
+    if let Some(mut quiet) = saved {
+        quiet.c_lflag &= !libc::ECHO;
+        // SAFETY: as above.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    }
+    let line = read_secret_line();
+    if let Some(t) = saved {
+        // SAFETY: as above; restores the settings read before.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+    }
+    eprintln!();
+    line
 }
 
 fn serve(arg: &ConfigArg) -> Result<(), String> {
@@ -222,51 +279,111 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
     runtime()?.block_on(async {
         let listeners = xoauth2_proxy::proxy::bind(&config).await?;
         let admin = xoauth2_proxy::admin::bind(&config).await?;
+        let path = config.path.clone();
         let app = xoauth2_proxy::proxy::App::new(config)?;
+        let server = xoauth2_proxy::proxy::Server::start(app, listeners);
         let stop_admin = tokio_util::sync::CancellationToken::new();
         if let Some(admin) = admin {
-            let views = xoauth2_proxy::admin::Views {
-                registry: app.registry.clone(),
-                listeners: listeners
-                    .iter()
-                    .map(|l| (l.protocol().name(), l.local_addr()))
-                    .collect(),
-                configured_listeners: app.config.listeners.len(),
-                throttled_sources: {
-                    let app = app.clone();
-                    Box::new(move || app.throttle.slowed_sources())
-                },
-                token_times: {
-                    let app = app.clone();
-                    Box::new(move || token_times(&app))
-                },
-                account_labels: app.config.admin.as_ref().is_some_and(|a| a.account_labels),
-                token_endpoints: {
-                    let app = app.clone();
-                    Box::new(move || app.tokens.unanswered_endpoints())
-                },
-                accounts: {
-                    let app = app.clone();
-                    Box::new(move || account_rows(&app))
-                },
-                oauth_client: {
-                    let app = app.clone();
-                    Box::new(move |account| app.config.oauth_client(account))
-                },
-                consent_origins: url::Url::parse(&app.config.google.auth_url)
-                    .map(|u| vec![u.origin().ascii_serialization()])
-                    .unwrap_or_default(),
-            };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,
-                views,
+                admin_views(&server),
                 stop_admin.clone(),
             ));
         }
-        xoauth2_proxy::proxy::serve(app, listeners, shutdown_signal()).await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = reload_on_hangup(&server, &path) => {}
+        }
+        server.stop().await;
         stop_admin.cancel();
         Ok(())
     })
+}
+
+/// SIGHUP: re-read the config file; a bad one is logged and the running config stays.
+async fn reload_on_hangup(server: &std::sync::Arc<xoauth2_proxy::proxy::Server>, path: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: config reload is off");
+            return std::future::pending().await;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+        match server.reload_file(path).await {
+            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Err(e) => tracing::error!("config not reloaded, the running one stays in force: {e}"),
+        }
+    }
+    std::future::pending().await
+}
+
+/// What the admin listener sees of the running proxy: always its current config.
+fn admin_views(
+    server: &std::sync::Arc<xoauth2_proxy::proxy::Server>,
+) -> xoauth2_proxy::admin::Views {
+    let app = server.app();
+    let current = |server: &std::sync::Arc<xoauth2_proxy::proxy::Server>| {
+        let server = server.clone();
+        move || server.app()
+    };
+    let app_now = current(server);
+    xoauth2_proxy::admin::Views {
+        registry: {
+            let app = current(server);
+            Box::new(move || app().registry.clone())
+        },
+        listeners: {
+            let server = server.clone();
+            Box::new(move || {
+                server
+                    .listening()
+                    .into_iter()
+                    .map(|(protocol, addr)| (protocol.name(), addr))
+                    .collect()
+            })
+        },
+        configured_listeners: {
+            let app = current(server);
+            Box::new(move || app().config.listeners.len())
+        },
+        throttled_sources: {
+            let app = current(server);
+            Box::new(move || app().throttle.slowed_sources())
+        },
+        token_times: {
+            let app = current(server);
+            Box::new(move || token_times(&app()))
+        },
+        account_labels: app.config.admin.as_ref().is_some_and(|a| a.account_labels),
+        token_endpoints: {
+            let app = current(server);
+            Box::new(move || app().tokens.unanswered_endpoints())
+        },
+        accounts: Box::new(move || account_rows(&app_now())),
+        oauth_client: {
+            let app = current(server);
+            Box::new(move |account| app().config.oauth_client(account))
+        },
+        consent_origins: url::Url::parse(&app.config.google.auth_url)
+            .map(|u| vec![u.origin().ascii_serialization()])
+            .unwrap_or_default(),
+        activity: app.activity.clone(),
+        login: app
+            .config
+            .admin
+            .as_ref()
+            .and_then(|a| a.password_hash.clone())
+            .map(|hash| {
+                std::sync::Arc::new(xoauth2_proxy::admin::access::Login::new(
+                    hash,
+                    app.accounts.checker(),
+                    app.throttle.clone(),
+                ))
+            }),
+    }
 }
 
 fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {

@@ -141,20 +141,27 @@ pub fn local_login(protocol: Protocol, result: &'static str) {
 
 /// A login that passed the local check ended upstream: `None` is success.
 pub fn upstream_login(protocol: Protocol, provider: &'static str, failure: Option<&Failure>) {
-    let result = match failure {
+    // Counted as a local login.
+    if failure == Some(&Failure::BadCredentials) {
+        return;
+    }
+    handle();
+    counter!("xoauth2_proxy_upstream_logins_total", "protocol" => protocol.name(), "provider" => provider, "result" => login_result(failure))
+        .increment(1);
+}
+
+/// The result name of a login attempt: `ok`, `wrong_password`, or the upstream failure class.
+pub fn login_result(failure: Option<&Failure>) -> &'static str {
+    match failure {
         None => "ok",
-        // Counted as a local login.
-        Some(Failure::BadCredentials) => return,
+        Some(Failure::BadCredentials) => "wrong_password",
         Some(Failure::TooManySessions { .. }) => "limit",
         Some(Failure::NeverAuthorized { .. } | Failure::Revoked { .. }) => "not_authorized",
         Some(Failure::TokenRejected { .. }) => "rejected",
         Some(Failure::UpstreamRefused { .. }) => "refused",
         Some(Failure::Misconfigured { .. }) => "misconfigured",
         Some(Failure::Temporary { .. }) => "temporary",
-    };
-    handle();
-    counter!("xoauth2_proxy_upstream_logins_total", "protocol" => protocol.name(), "provider" => provider, "result" => result)
-        .increment(1);
+    }
 }
 
 /// A token request ended with `result` after `seconds`.

@@ -411,3 +411,320 @@ async fn authorize_on_the_page_goes_through_consent_and_the_account_then_logs_in
     assert_eq!(status, 400);
     assert!(body.contains("unknown or has expired"), "{body}");
 }
+
+/// `/live.json`, which the page polls, and the page itself: sessions open per account and
+/// protocol, and the last logins and failures (an unknown user only as its digest), newest
+/// first, with nothing secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_lists_recent_logins_and_open_sessions() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let text = harness::config_text(
+        &google,
+        &pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[ALICE, CAROL],
+    ) + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let dir = cmd::ConfigDir::from_text(&text);
+    let alice = AccountKey::new(ALICE);
+    google.add_refresh_token("1//live", ALICE);
+    xoauth2_proxy::registry::save_refresh_token(&dir.store(), &alice, &"1//live".into()).unwrap();
+    let password = xoauth2_proxy::registry::add_password(&dir.store(), &alice, "live").unwrap();
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let imap_addr = serve.logged_bind("listening").await;
+    let base = format!("http://{}", serve.logged_bind("admin listener").await);
+
+    let mut open = TestClient::connect(imap_addr).await;
+    open.read_line().await;
+    open.send_line(&format!("a1 LOGIN {ALICE} {}", password.expose()))
+        .await;
+    assert!(open.read_imap_tagged("a1").await.0.starts_with("a1 OK"));
+    for (tag, user, pw) in [
+        ("b1", ALICE, "wrong-secret"),
+        ("c1", "mallory@x.com", "guess"),
+    ] {
+        let mut c = TestClient::connect(imap_addr).await;
+        c.read_line().await;
+        c.send_line(&format!("{tag} LOGIN {user} {pw}")).await;
+        assert!(c
+            .read_imap_tagged(tag)
+            .await
+            .0
+            .starts_with(&format!("{tag} NO")));
+    }
+
+    let (status, body) = get(&format!("{base}/live.json")).await;
+    assert_eq!(status, 200, "{body}");
+    let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(live["sessions"][ALICE]["imap"], 1, "{body}");
+    let events = live["events"].as_array().unwrap();
+    let summary: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["user"].as_str().unwrap().to_string(),
+                e["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(summary.len(), 3, "{body}");
+    assert_eq!(
+        summary[1],
+        (ALICE.to_string(), "wrong_password".to_string())
+    );
+    assert_eq!(summary[2], (ALICE.to_string(), "ok".to_string()));
+    assert!(summary[0].0.starts_with("unknown user "), "{body}");
+    assert_eq!(summary[0].1, "wrong_password");
+    for e in events {
+        assert_eq!(e["protocol"], "imap");
+        assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+    }
+    for secret in [password.expose(), "wrong-secret", "guess", "mallory"] {
+        assert!(!body.contains(secret), "{secret} in {body}");
+    }
+    let (_, html) = get(&format!("{base}/")).await;
+    assert!(
+        html.contains("data-sessions=\"alice@gmail.com\">imap 1<"),
+        "{html}"
+    );
+    assert!(
+        html.contains("data-sessions=\"carol@gmail.com\">none<"),
+        "{html}"
+    );
+    assert!(html.contains("<td>wrong_password</td>"), "{html}");
+
+    // The session ends: the count goes back to none.
+    open.send_line("a2 LOGOUT").await;
+    open.expect_eof().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get(&format!("{base}/live.json")).await;
+        let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if live["sessions"].as_object().is_some_and(|s| s.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTPS client that trusts the test CA, with Basic auth when `password` is given.
+async fn https_get(
+    pki: &TestPki,
+    url: &str,
+    password: Option<&str>,
+    host: Option<&str>,
+) -> reqwest::Response {
+    let tls = xoauth2_proxy::tls::client_config(Some(&pki.ca_pem_path)).unwrap();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut request = client.get(url);
+    if let Some(pw) = password {
+        request = request.basic_auth("admin", Some(pw));
+    }
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    request.send().await.unwrap()
+}
+
+/// `admin-password` prints a hash; with it and `[tls]`, the admin listener may bind every
+/// address and then serves HTTPS only, behind Basic auth that the brute-force throttle slows
+/// down, answering the host names in `[admin] hosts`.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_admin_serves_https_behind_the_admin_password() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let hashed = cmd::run(
+        vec!["admin-password".into()],
+        Some("admin secret 1\n".into()),
+    )
+    .await;
+    assert!(hashed.ok(), "{hashed:?}");
+    let hash = hashed.stdout.trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hashed.stdout.contains("admin secret 1"));
+    let text = harness::config_text(
+        &google,
+        &pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[ALICE],
+    ) + &format!(
+        "\n[admin]\nbind = \"0.0.0.0:0\"\nhosts = [\"proxy.example.com\"]\npassword_hash = \"{hash}\"\n"
+    );
+    let dir = cmd::ConfigDir::from_text(&text);
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let port = serve.logged_bind("admin listener").await.port();
+    let base = format!("https://127.0.0.1:{port}");
+
+    let r = https_get(&pki, &format!("{base}/"), None, None).await;
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic "));
+    assert_eq!(
+        https_get(&pki, &format!("{base}/livez"), None, None)
+            .await
+            .status()
+            .as_u16(),
+        200,
+        "the liveness probe needs no password"
+    );
+    for _ in 0..3 {
+        let r = https_get(&pki, &format!("{base}/metrics"), Some("guess"), None).await;
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    let log = serve
+        .logged_times("repeated failed logins from this address", 1)
+        .await;
+    assert!(
+        !log.contains("guess") && !log.contains("admin secret"),
+        "{log}"
+    );
+
+    let r = https_get(&pki, &format!("{base}/"), Some("admin secret 1"), None).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains(ALICE));
+    let named = Some("proxy.example.com:443");
+    let r = https_get(
+        &pki,
+        &format!("{base}/readyz"),
+        Some("admin secret 1"),
+        named,
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let elsewhere = Some("attacker.example");
+    let r = https_get(&pki, &format!("{base}/"), Some("admin secret 1"), elsewhere).await;
+    assert_eq!(r.status().as_u16(), 421);
+    // Plain HTTP gets no page.
+    let plain = cmd::browser(false)
+        .get(format!("http://127.0.0.1:{port}/"))
+        .basic_auth("admin", Some("admin secret 1"))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+}
+
+/// Start the config's admin listener with CAROL unauthorized; returns the running serve, the
+/// IMAP address, the admin base URL, the page's CSRF token and Carol's password.
+async fn admin_with_unauthorized_carol(
+    google: &FakeGoogle,
+    pki: &TestPki,
+    imap: &FakeImap,
+    admin: &str,
+) -> (
+    cmd::ConfigDir,
+    cmd::Running,
+    std::net::SocketAddr,
+    String,
+    String,
+    String,
+) {
+    let text = harness::config_text(
+        google,
+        pki,
+        &[ListenerSpec::new("imap", imap.addr)],
+        &[CAROL],
+    ) + admin;
+    let dir = cmd::ConfigDir::from_text(&text);
+    let carol = AccountKey::new(CAROL);
+    let password = xoauth2_proxy::registry::add_password(&dir.store(), &carol, "mail").unwrap();
+    let path = dir.path.display().to_string();
+    let serve = cmd::Running::start(&["serve".into(), "-c".into(), path], &[]);
+    let imap_addr = serve.logged_bind("listening").await;
+    let admin = serve.logged_bind("admin listener:").await;
+    let base = format!("http://{admin}");
+    let (_, html) = get(&format!("{base}/")).await;
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let password = password.expose().to_string();
+    (dir, serve, imap_addr, base, csrf, password)
+}
+
+/// A remote browser can't load the 127.0.0.1 address consent sends it to: the person pastes
+/// that address into the page's form, which finishes the authorization (state checked, PKCE).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pasted_redirect_address_finishes_an_authorization_started_on_the_page() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let admin = "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let (_dir, _serve, imap_addr, base, csrf, password) =
+        admin_with_unauthorized_carol(&google, &pki, &imap, admin).await;
+    let (_, html) = get(&format!("{base}/")).await;
+    assert!(html.contains("action=\"/authorize/finish\""), "{html}");
+
+    // The browser: the page's form, then consent, which sends it back to an address that
+    // (on another device) would not load; nobody follows that last redirect.
+    let consent = cmd::browser(false)
+        .post(format!("{base}/authorize"))
+        .form(&[("csrf", csrf.as_str()), ("account", CAROL)])
+        .send()
+        .await
+        .unwrap();
+    let consent_url = consent.headers()["location"].to_str().unwrap().to_string();
+    let back = cmd::browser(false).get(&consent_url).send().await.unwrap();
+    let redirected = back.headers()["location"].to_str().unwrap().to_string();
+    assert!(redirected.contains("code="), "{redirected}");
+
+    let finish = format!("{base}/authorize/finish");
+    let forged = redirected.replace("state=", "state=x");
+    let (status, page) = post(&finish, &[("csrf", &csrf), ("redirect", &forged)]).await;
+    assert_eq!(status, 400, "{page}");
+    let (status, _) = post(&finish, &[("csrf", "forged"), ("redirect", &redirected)]).await;
+    assert_eq!(status, 403);
+    let (status, page) = post(&finish, &[("csrf", &csrf), ("redirect", "hello")]).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("Paste the whole address"), "{page}");
+    let (status, page) = post(&finish, &[("csrf", &csrf), ("redirect", &redirected)]).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("id=\"authorized\""), "{page}");
+    assert!(imap_login_ok(imap_addr, CAROL, &password).await);
+    // Used once: the same address again finds no authorization waiting.
+    let (status, _) = post(&finish, &[("csrf", &csrf), ("redirect", &redirected)]).await;
+    assert_eq!(status, 400);
+}
+
+/// An admin listener on [::1] can't receive redirects to 127.0.0.1 itself: a loopback
+/// callback listener of its own does, and the authorization completes in the browser.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_listener_on_ipv6_loopback_still_receives_the_consent_redirect() {
+    let google = FakeGoogle::start().await;
+    let pki = TestPki::new();
+    let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
+    let admin = "\n[admin]\nbind = \"[::1]:0\"\n";
+    let (_dir, serve, imap_addr, base, csrf, password) =
+        admin_with_unauthorized_carol(&google, &pki, &imap, admin).await;
+    assert!(base.starts_with("http://[::1]:"), "{base}");
+    let callback = serve
+        .logged_bind("authorization redirects arrive here")
+        .await;
+    assert!(
+        callback.ip().is_loopback() && callback.is_ipv4(),
+        "{callback}"
+    );
+    let page = cmd::browser(true)
+        .post(format!("{base}/authorize"))
+        .form(&[("csrf", csrf.as_str()), ("account", CAROL)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.url().port(), Some(callback.port()));
+    let page = page.text().await.unwrap();
+    assert!(page.contains("id=\"authorized\""), "{page}");
+    assert!(imap_login_ok(imap_addr, CAROL, &password).await);
+}

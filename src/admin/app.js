@@ -1,5 +1,7 @@
-// Status page: filter and paginate the accounts table, count token expiry down. Plain DOM,
-// no dependencies, served from this listener (the page works offline under a strict CSP).
+// Status page: filter and paginate the accounts table, count token expiry down, and keep
+// sessions, listeners and recent logins current by polling /live.json. Plain DOM, no
+// dependencies, served from this listener (the page works offline under a strict CSP); text
+// goes in through textContent only, so nothing the server relays can become markup.
 "use strict";
 (function () {
   var PAGE = 50;
@@ -47,8 +49,55 @@
     });
   }
 
+  function sessionsText(open) {
+    var parts = Object.keys(open || {}).sort().map(function (p) { return p + " " + open[p]; });
+    return parts.length ? parts.join(", ") : "none";
+  }
+
+  function fillRows(tbody, rows) {
+    tbody.textContent = "";
+    rows.forEach(function (cells) {
+      var tr = document.createElement("tr");
+      cells.forEach(function (text) {
+        var td = document.createElement("td");
+        td.textContent = text;
+        tr.appendChild(td);
+      });
+      tbody.appendChild(tr);
+    });
+  }
+
+  function show(live) {
+    document.querySelectorAll("[data-sessions]").forEach(function (cell) {
+      cell.textContent = sessionsText(live.sessions[cell.getAttribute("data-sessions")]);
+    });
+    var listeners = document.getElementById("listeners");
+    if (listeners) {
+      listeners.textContent = "";
+      live.listeners.forEach(function (l) {
+        var li = document.createElement("li");
+        li.textContent = l;
+        listeners.appendChild(li);
+      });
+    }
+    var events = document.getElementById("events");
+    if (events) {
+      fillRows(events.tBodies[0], live.events.map(function (e) {
+        return [e.time, e.user, e.protocol, e.peer, e.result];
+      }));
+    }
+  }
+
+  function poll() {
+    fetch("/live.json", { cache: "no-store" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (live) { if (live) show(live); })
+      .catch(function () { /* the next poll tries again */ });
+  }
+
   filter.addEventListener("input", function () { page = 0; render(); });
   render();
   countdown();
   setInterval(countdown, 1000);
+  setInterval(poll, 3000);
 })();

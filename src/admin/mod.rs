@@ -8,6 +8,7 @@
 //! - `GET /readyz`: 200 when every listener is bound, the store is readable and each provider's
 //!   token endpoint answered its last request; 503 with a JSON reason otherwise.
 
+pub mod access;
 mod page;
 
 use std::collections::HashMap;
@@ -31,12 +32,14 @@ pub type ClientFor = dyn Fn(&crate::config::AccountConfig) -> Result<crate::conf
     + Sync;
 
 /// What the probes look at.
+/// Each reads the running proxy's current config (SIGHUP may replace it).
 pub struct Views {
-    pub registry: Arc<Registry>,
+    /// The configured accounts and the store.
+    pub registry: Box<dyn Fn() -> Arc<Registry> + Send + Sync>,
     /// The protocol listeners `serve` bound, as (protocol, address).
-    pub listeners: Vec<(&'static str, SocketAddr)>,
+    pub listeners: Box<dyn Fn() -> Vec<(&'static str, SocketAddr)> + Send + Sync>,
     /// How many listeners the config asks for.
-    pub configured_listeners: usize,
+    pub configured_listeners: Box<dyn Fn() -> usize + Send + Sync>,
     /// How many client addresses the brute-force throttle is slowing down now.
     pub throttled_sources: Box<dyn Fn() -> usize + Send + Sync>,
     /// Per account: (email, access-token expiry, refresh-token issue time), unix seconds.
@@ -51,6 +54,10 @@ pub struct Views {
     pub oauth_client: Box<ClientFor>,
     /// Origins of the providers' consent pages (`https://accounts.google.com`).
     pub consent_origins: Vec<String>,
+    /// Recent logins and open sessions.
+    pub activity: Arc<crate::activity::Activity>,
+    /// The admin password check, when `[admin] password_hash` is set.
+    pub login: Option<Arc<access::Login>>,
 }
 
 /// The routes' state: the views, this process's CSRF token for the page's forms, and the
@@ -75,6 +82,10 @@ const MAX_PENDING: usize = 32;
 
 pub struct AdminListener {
     tcp: TcpListener,
+    /// HTTPS with the `[tls]` certificate, when a password protects the listener.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Host names requests may be addressed to, besides loopback names and the bind address.
+    hosts: Vec<String>,
 }
 
 impl AdminListener {
@@ -88,28 +99,145 @@ pub async fn bind(config: &Config) -> Result<Option<AdminListener>, String> {
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
+    let tls = match (&admin.password_hash, &config.tls) {
+        (Some(_), Some(files)) => Some(
+            crate::tls::server_config(&files.cert, &files.key)
+                .map_err(|e| format!("admin listener: {e}"))?,
+        ),
+        _ => None,
+    };
     let tcp = TcpListener::bind(admin.bind)
         .await
         .map_err(|e| format!("admin listener: cannot bind {}: {e}", admin.bind))?;
-    Ok(Some(AdminListener { tcp }))
+    Ok(Some(AdminListener {
+        tcp,
+        tls,
+        hosts: admin.hosts.clone(),
+    }))
 }
 
 /// Serve the admin routes until `cancel`.
 pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationToken) {
     crate::metrics::handle();
-    if let Some(addr) = listener.local_addr() {
-        tracing::info!(bind = %addr, "admin listener: /metrics /livez /readyz");
-    }
+    let Some(addr) = listener.local_addr() else {
+        tracing::error!("admin listener: its socket has no address");
+        return;
+    };
+    let scheme = if listener.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(bind = %addr, %scheme, "admin listener: /metrics /livez /readyz");
     let csrf: String = rand::random::<[u8; 32]>()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     let csp: Arc<str> = page::csp(&views.consent_origins).into();
-    let app = Router::new()
+    let login = views.login.clone();
+    let callback = callback_listener(addr, listener.tls.is_some()).await;
+    let port = callback
+        .as_ref()
+        .and_then(|c| c.local_addr().ok())
+        .map_or(addr.port(), |a| a.port());
+    let state = Arc::new(Admin {
+        views,
+        csrf,
+        port,
+        pending: Default::default(),
+    });
+    let hosts = Arc::new((addr, listener.hosts));
+    if let Some(callback) = callback {
+        let app = Router::new()
+            .route("/", get(callback_page))
+            .with_state(state.clone());
+        let app = protected(app, &csp, hosts.clone());
+        let stop = cancel.clone().cancelled_owned();
+        tokio::spawn(async move {
+            let _ = axum::serve(callback, app)
+                .with_graceful_shutdown(stop)
+                .await;
+        });
+    }
+    let app = routes()
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            login,
+            access::require_login,
+        ));
+    let app = protected(app, &csp, hosts);
+    let incoming = access::Incoming::new(listener.tcp, listener.tls);
+    let result = axum::serve(
+        incoming,
+        app.into_make_service_with_connect_info::<access::Peer>(),
+    )
+    .with_graceful_shutdown(async move { cancel.cancelled().await })
+    .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener stopped");
+    }
+}
+
+/// Every response carries the strict headers; requests to other host names are refused.
+fn protected(app: Router, csp: &Arc<str>, hosts: Arc<(SocketAddr, Vec<String>)>) -> Router {
+    let csp = csp.clone();
+    app.layer(axum::middleware::map_response(move |response| {
+        let csp = csp.clone();
+        async move { secure_headers(response, &csp) }
+    }))
+    .layer(axum::middleware::from_fn_with_state(
+        hosts,
+        access::check_host,
+    ))
+}
+
+/// Providers send the browser back to `http://127.0.0.1:PORT/`. When this listener can't
+/// receive that itself (HTTPS, or bound to [::1] or another address), a plain loopback
+/// listener of its own takes the redirects; it answers nothing else.
+async fn callback_listener(bind: SocketAddr, tls: bool) -> Option<TcpListener> {
+    let reachable = match bind.ip() {
+        std::net::IpAddr::V4(ip) => ip == std::net::Ipv4Addr::LOCALHOST || ip.is_unspecified(),
+        std::net::IpAddr::V6(_) => false,
+    };
+    if reachable && !tls {
+        return None;
+    }
+    match crate::oauth::flow::bind_loopback().await {
+        Ok(l) => {
+            if let Ok(at) = l.local_addr() {
+                tracing::info!(bind = %at, "admin listener: authorization redirects arrive here");
+            }
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "admin listener: cannot listen on 127.0.0.1 for authorization redirects; paste the redirected address on the status page instead");
+            None
+        }
+    }
+}
+
+/// The loopback callback listener's one page.
+async fn callback_page(
+    State(admin): State<Arc<Admin>>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> axum::response::Response {
+    if params.iter().any(|(k, _)| k == "state") {
+        return authorized(&admin, &params).await;
+    }
+    let text = "This address only receives authorizations started from the status page.";
+    problem(StatusCode::NOT_FOUND, text)
+}
+
+fn routes() -> Router<Arc<Admin>> {
+    Router::new()
         .route("/", get(status_page))
         .route("/passwords/add", axum::routing::post(add_password))
         .route("/passwords/remove", axum::routing::post(remove_password))
         .route("/authorize", axum::routing::post(authorize))
+        .route(
+            "/authorize/finish",
+            axum::routing::post(finish_authorization),
+        )
         .route(
             "/app.js",
             get(|| asset("text/javascript; charset=utf-8", page::SCRIPT)),
@@ -120,26 +248,10 @@ pub async fn serve(listener: AdminListener, views: Views, cancel: CancellationTo
         )
         // Browsers ask for it; an empty answer keeps their consoles clean.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/live.json", get(live_json))
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(Admin {
-            views,
-            csrf,
-            port: listener.local_addr().map_or(0, |a| a.port()),
-            pending: Default::default(),
-        }))
-        .layer(axum::middleware::map_response(move |response| {
-            let csp = csp.clone();
-            async move { secure_headers(response, &csp) }
-        }))
-        .layer(axum::middleware::from_fn(loopback_host));
-    let result = axum::serve(listener.tcp, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin listener stopped");
-    }
 }
 
 /// Every response: the strict CSP, no sniffing, no referrer, no framing.
@@ -173,11 +285,30 @@ async fn status_page(
     let rows = (admin.views.accounts)();
     let html = page::render(
         &rows,
-        &admin.views.listeners,
+        &live(&admin.views),
         crate::clock::now_unix(),
         &admin.csrf,
     );
     axum::response::Html(html).into_response()
+}
+
+/// What the page updates every few seconds without a reload.
+fn live(views: &Views) -> page::Live {
+    page::Live {
+        sessions: views.activity.open_sessions(),
+        events: views.activity.recent(),
+        listeners: (views.listeners)()
+            .iter()
+            .map(|(protocol, addr)| format!("{protocol} on {addr}"))
+            .collect(),
+    }
+}
+
+async fn live_json(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(live(&admin.views)),
+    )
 }
 
 fn problem(status: StatusCode, text: &str) -> axum::response::Response {
@@ -203,7 +334,7 @@ async fn authorize(
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
-    let client = match (admin.views.oauth_client)(account) {
+    let client = match (admin.views.oauth_client)(&account) {
         Ok(c) => c,
         Err(e) => return problem(StatusCode::CONFLICT, &e),
     };
@@ -283,31 +414,33 @@ async fn authorized(admin: &Admin, params: &[(String, String)]) -> axum::respons
     }
 }
 
-/// Only requests addressed to a loopback name: a web page elsewhere can't reach this
-/// listener by pointing its own DNS name at 127.0.0.1 (DNS rebinding).
-async fn loopback_host(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
+/// The paste form's fields: the CSRF token and the address the browser ended at.
+#[derive(serde::Deserialize)]
+struct FinishForm {
+    csrf: String,
+    redirect: String,
+}
+
+/// The browser could not reach the redirect address (it is not on this machine): the person
+/// pasted that address, whose state names the authorization to finish.
+async fn finish_authorization(
+    State(admin): State<Arc<Admin>>,
+    axum::Form(form): axum::Form<FinishForm>,
 ) -> axum::response::Response {
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    };
-    let loopback = name.eq_ignore_ascii_case("localhost")
-        || name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        return (StatusCode::MISDIRECTED_REQUEST, "use a loopback address\n").into_response();
+    if let Err(e) = csrf_ok(&admin, &form.csrf) {
+        return e.into_response();
     }
-    next.run(request).await
+    let pasted = form.redirect.trim();
+    let params = match crate::oauth::flow::pasted_query(pasted) {
+        _ if pasted.len() > 8192 => Err("That address is too long to be a redirect.".to_string()),
+        Some(Ok(params)) if params.iter().any(|(k, _)| k == "state") => Ok(params),
+        Some(Err(why)) => Err(format!("{why}.")),
+        _ => Err("Paste the whole address the browser ended at after you allowed access; it starts with http://127.0.0.1: and has state= and code= in it.".into()),
+    };
+    match params {
+        Ok(params) => authorized(&admin, &params).await,
+        Err(why) => problem(StatusCode::BAD_REQUEST, &why),
+    }
 }
 
 /// A form's fields: the CSRF token, the account, the password label.
@@ -320,19 +453,23 @@ struct PasswordForm {
 }
 
 /// The account a form names, if the CSRF token is this process's and the account configured.
-fn checked<'a>(
-    admin: &'a Admin,
-    form: &PasswordForm,
-) -> Result<&'a crate::config::AccountConfig, Problem> {
-    use subtle::ConstantTimeEq;
-    if !bool::from(form.csrf.as_bytes().ct_eq(admin.csrf.as_bytes())) {
-        let text = "This form is out of date or did not come from the status page; reload the page and try again.";
-        return Err(Problem(StatusCode::FORBIDDEN, text.into()));
-    }
-    admin.views.registry.lookup(&form.account).ok_or_else(|| {
+fn checked(admin: &Admin, form: &PasswordForm) -> Result<crate::config::AccountConfig, Problem> {
+    csrf_ok(admin, &form.csrf)?;
+    let registry = (admin.views.registry)();
+    registry.lookup(&form.account).cloned().ok_or_else(|| {
         let text = format!("{} is not a configured account.", form.account);
         Problem(StatusCode::NOT_FOUND, text)
     })
+}
+
+/// Whether a form carries this process's CSRF token.
+fn csrf_ok(admin: &Admin, token: &str) -> Result<(), Problem> {
+    use subtle::ConstantTimeEq;
+    if bool::from(token.as_bytes().ct_eq(admin.csrf.as_bytes())) {
+        return Ok(());
+    }
+    let text = "This form is out of date or did not come from the status page; reload the page and try again.";
+    Err(Problem(StatusCode::FORBIDDEN, text.into()))
 }
 
 /// A store write off the async threads; a task that died is a 500 page.
@@ -340,7 +477,7 @@ async fn store_write<T: Send + 'static>(
     admin: &Admin,
     write: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<Result<T, crate::store::StoreError>, Problem> {
-    let store = admin.views.registry.store().clone();
+    let store = (admin.views.registry)().store().clone();
     tokio::task::spawn_blocking(move || write(&store))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
@@ -427,23 +564,22 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
 async fn readyz(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
     let views = &admin.views;
     let mut problems = Vec::new();
-    if views.listeners.len() < views.configured_listeners {
+    let (bound, configured) = ((views.listeners)(), (views.configured_listeners)());
+    if bound.len() < configured {
         problems.push(format!(
-            "{} of {} listeners are bound",
-            views.listeners.len(),
-            views.configured_listeners
+            "{} of {configured} listeners are bound",
+            bound.len()
         ));
     }
     problems.extend((views.token_endpoints)());
     // A real read, not the registry's cached view: the probe is about the store now.
-    let registry = views.registry.clone();
+    let registry = (views.registry)();
     match tokio::task::spawn_blocking(move || registry.store().load().map(|_| ())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => problems.push(format!("the store cannot be read: {e}")),
         Err(e) => problems.push(format!("the store check failed: {e}")),
     }
-    let listeners: Vec<_> = views
-        .listeners
+    let listeners: Vec<_> = bound
         .iter()
         .map(|(protocol, addr)| serde_json::json!({"protocol": protocol, "bind": addr.to_string()}))
         .collect();

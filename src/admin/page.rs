@@ -3,10 +3,35 @@
 //! listener, so the page works offline under a strict Content-Security-Policy.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
 
+use crate::account::AccountKey;
+use crate::activity::Event;
 use crate::clock::{format_age, format_time};
 use crate::report::{AccountReport, CredentialKind};
+
+/// Open sessions: account (normalized email) → protocol → count.
+pub type Sessions =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, usize>>;
+
+/// What changes from second to second: also served as JSON for the page's live updates.
+#[derive(serde::Serialize)]
+pub struct Live {
+    pub sessions: Sessions,
+    pub events: Vec<Event>,
+    pub listeners: Vec<String>,
+}
+
+/// `imap 2, pop3 1`, or `none`.
+pub fn sessions_text(open: Option<&std::collections::BTreeMap<&'static str, usize>>) -> String {
+    match open {
+        Some(open) if !open.is_empty() => open
+            .iter()
+            .map(|(protocol, n)| format!("{protocol} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "none".into(),
+    }
+}
 
 /// The policy every admin response carries: nothing but this origin's own script and style.
 /// Forms post here only, but "Authorize" is answered with a redirect to the provider's consent
@@ -41,12 +66,7 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-pub fn render(
-    rows: &[AccountReport],
-    listeners: &[(&'static str, SocketAddr)],
-    now: i64,
-    csrf: &str,
-) -> String {
+pub fn render(rows: &[AccountReport], live: &Live, now: i64, csrf: &str) -> String {
     let mut html = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>xoauth2-proxy</title>\
          <link rel=\"stylesheet\" href=\"/app.css\"><script src=\"/app.js\" defer></script></head><body>\
@@ -56,25 +76,51 @@ pub fn render(
         html,
         "<section><h2>Accounts ({})</h2><input id=\"filter\" type=\"search\" placeholder=\"Filter accounts\" aria-label=\"Filter accounts\">\
          <table id=\"accounts\"><thead><tr><th>Account</th><th>Credential</th><th>Access token</th>\
-         <th>Refresh token age</th><th>App passwords</th><th>Needs attention</th></tr></thead><tbody>",
+         <th>Refresh token age</th><th>Open sessions</th><th>App passwords</th><th>Needs attention</th></tr></thead><tbody>",
         rows.len()
     );
     for row in rows {
-        account_row(&mut html, row, now, csrf);
+        account_row(&mut html, row, &live.sessions, now, csrf);
     }
-    html.push_str(
-        "</tbody></table><nav id=\"pages\"></nav></section><section><h2>Listeners</h2><ul>",
+    html.push_str("</tbody></table><nav id=\"pages\"></nav></section>");
+    finish_form(&mut html, csrf);
+    html.push_str("<section><h2>Listeners</h2><ul id=\"listeners\">");
+    for listener in &live.listeners {
+        let _ = write!(html, "<li>{}</li>", escape(listener));
+    }
+    let _ = write!(
+        html,
+        "</ul></section><section><h2>Recent logins</h2><p>The last {} logins and failures, newest first; this page updates itself.</p>\
+         <table id=\"events\"><thead><tr><th>Time</th><th>User</th><th>Protocol</th><th>Client</th><th>Result</th></tr></thead><tbody>",
+        crate::activity::RECENT
     );
-    for (protocol, addr) in listeners {
+    for e in &live.events {
         let _ = write!(
             html,
-            "<li>{} on {}</li>",
-            escape(protocol),
-            escape(&addr.to_string())
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&e.time),
+            escape(&e.user),
+            escape(e.protocol),
+            escape(&e.peer),
+            escape(e.result)
         );
     }
-    html.push_str("</ul></section></body></html>\n");
+    html.push_str("</tbody></table></section></body></html>\n");
     html
+}
+
+/// Where a person pastes the address the provider's consent sent the browser to, when that
+/// browser is not on this machine and so could not load it.
+fn finish_form(html: &mut String, csrf: &str) {
+    let _ = write!(
+        html,
+        "<section><h2>Finish an authorization from another device</h2>\
+         <p>After Authorize, the provider sends the browser to an address on 127.0.0.1. If that browser is not on this proxy's machine, the page does not load: copy its whole address from the address bar and paste it here.</p>\
+         <form method=\"post\" action=\"/authorize/finish\" id=\"finish\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <input name=\"redirect\" id=\"redirect\" placeholder=\"the address, 127.0.0.1:…/?state=…&amp;code=…\" aria-label=\"Redirected address\" required maxlength=\"8192\" size=\"60\">\
+         <button type=\"submit\">Finish authorization</button></form></section>",
+        escape(csrf)
+    );
 }
 
 /// A POST form to this listener with the CSRF token and the account.
@@ -86,7 +132,7 @@ fn form(html: &mut String, action: &str, csrf: &str, email: &str) {
     );
 }
 
-fn account_row(html: &mut String, row: &AccountReport, now: i64, csrf: &str) {
+fn account_row(html: &mut String, row: &AccountReport, sessions: &Sessions, now: i64, csrf: &str) {
     let email = escape(&row.email);
     let _ = write!(
         html,
@@ -120,7 +166,14 @@ fn account_row(html: &mut String, row: &AccountReport, now: i64, csrf: &str) {
         .refresh_token_age_secs
         .map(format_age)
         .unwrap_or_default();
-    let _ = write!(html, "<td>{}</td><td><ul>", escape(&age));
+    let key = AccountKey::new(&row.email);
+    let _ = write!(
+        html,
+        "<td>{}</td><td data-sessions=\"{}\">{}</td><td><ul>",
+        escape(&age),
+        escape(key.as_str()),
+        escape(&sessions_text(sessions.get(key.as_str())))
+    );
     for p in &row.password_labels {
         let _ = write!(
             html,

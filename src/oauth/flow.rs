@@ -370,36 +370,45 @@ enum Pasted {
     Unusable(String),
 }
 
-fn parse_pasted(attempt: &Attempt, line: &str) -> Pasted {
-    let text = line
-        .trim()
-        .trim_matches(|c| c == '"' || c == '\'' || c == '<' || c == '>');
+/// The query parameters of a pasted redirect address, or of its query alone: `None` when the
+/// text is neither, an error when it looks like an address but is not a complete one.
+pub fn pasted_query(line: &str) -> Option<Result<Vec<(String, String)>, String>> {
+    let text = pasted_text(line);
     let query = if text.contains("://") {
         match url::Url::parse(text) {
-            Ok(url) => Some(url.query().unwrap_or("").to_string()),
+            Ok(url) => url.query().unwrap_or("").to_string(),
             Err(_) => {
-                return Pasted::Unusable(
+                return Some(Err(
                     "that is not a complete address; copy the whole address bar".into(),
-                )
+                ))
             }
         }
     } else if text.starts_with('?') || text.contains("code=") || text.contains("error=") {
-        Some(text.rsplit('?').next().unwrap_or(text).to_string())
+        text.rsplit('?').next().unwrap_or(text).to_string()
     } else {
-        None
+        return None;
     };
-    match query {
-        Some(q) => {
-            let params: Vec<(String, String)> = url::form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            match evaluate(&attempt.judge(), &params) {
-                Some(decided) => Pasted::Decided(decided),
-                None => Pasted::Unusable(
-                    "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with http://127.0.0.1:)".into(),
-                ),
-            }
-        }
+    Some(Ok(url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()))
+}
+
+/// A pasted line without the quotes or brackets some copies carry.
+fn pasted_text(line: &str) -> &str {
+    line.trim()
+        .trim_matches(|c| c == '"' || c == '\'' || c == '<' || c == '>')
+}
+
+fn parse_pasted(attempt: &Attempt, line: &str) -> Pasted {
+    let text = pasted_text(line);
+    match pasted_query(text) {
+        Some(Err(why)) => Pasted::Unusable(why),
+        Some(Ok(params)) => match evaluate(&attempt.judge(), &params) {
+            Some(decided) => Pasted::Decided(decided),
+            None => Pasted::Unusable(
+                "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with http://127.0.0.1:)".into(),
+            ),
+        },
         // A bare code (some users copy just that). Its state cannot be checked, but the user
         // typed it here themselves, and it is useless without this attempt's PKCE verifier.
         None if !text.is_empty()

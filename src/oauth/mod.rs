@@ -298,6 +298,35 @@ enum Source {
     },
 }
 
+impl Source {
+    /// Whether a reloaded config gives an account the same token source, so its cached state
+    /// is still good. Clients compare by everything they print plus the secret they redact.
+    fn same_as(&self, other: &Source) -> bool {
+        match (self, other) {
+            (Source::RefreshToken(Ok(a)), Source::RefreshToken(Ok(b))) => {
+                format!("{a:?}") == format!("{b:?}")
+                    && a.client_secret.as_ref().map(Secret::expose)
+                        == b.client_secret.as_ref().map(Secret::expose)
+            }
+            (
+                Source::ServiceAccount {
+                    path,
+                    scope,
+                    token_url,
+                    ..
+                },
+                Source::ServiceAccount {
+                    path: p,
+                    scope: s,
+                    token_url: t,
+                    ..
+                },
+            ) => path == p && scope == s && token_url == t,
+            _ => false,
+        }
+    }
+}
+
 struct AccountTokens {
     key: AccountKey,
     email: String,
@@ -360,10 +389,46 @@ impl TokenManager {
         Self::build(config, registry, None)
     }
 
+    /// The manager for a reloaded config: accounts whose token source did not change keep
+    /// their state (a cached token, a refresh in flight, a known dead grant), so a reload
+    /// costs no token requests; added or changed accounts start empty.
+    pub fn reconfigured(
+        &self,
+        config: &Config,
+        registry: Arc<Registry>,
+    ) -> Result<TokenManager, String> {
+        let old = &self.shared;
+        let kept = |key: &AccountKey, source: &Source| {
+            old.tokens
+                .get(key)
+                .filter(|acct| acct.source.same_as(source))
+                .cloned()
+        };
+        let manager = Self::build_with(config, registry, old.status_dir.clone(), kept)?;
+        let age = old.min_background_age_ms.load(Ordering::Relaxed);
+        let shared = &manager.shared;
+        shared.min_background_age_ms.store(age, Ordering::Relaxed);
+        // Slots kept from the old manager may hold its flights: ids must stay unique.
+        let next_flight = old.flights.load(Ordering::Relaxed) + (1 << 32);
+        shared.flights.store(next_flight, Ordering::Relaxed);
+        Ok(manager)
+    }
+
     fn build(
         config: &Config,
         registry: Arc<Registry>,
         status_dir: Option<PathBuf>,
+    ) -> Result<TokenManager, String> {
+        Self::build_with(config, registry, status_dir, |_, _| None)
+    }
+
+    /// One `AccountTokens` per configured account: `kept` may hand back an existing one for
+    /// the same key and source.
+    fn build_with(
+        config: &Config,
+        registry: Arc<Registry>,
+        status_dir: Option<PathBuf>,
+        kept: impl Fn(&AccountKey, &Source) -> Option<Arc<AccountTokens>>,
     ) -> Result<TokenManager, String> {
         let tokens = config
             .accounts
@@ -378,21 +443,21 @@ impl TokenManager {
                     },
                     None => Source::RefreshToken(config.oauth_client(a)),
                 };
-                let slot = Slot {
-                    state: State::Empty,
-                    schedule: Schedule::default(),
-                    last_refresh_at: None,
-                };
-                (
-                    a.key(),
+                let tokens = kept(&a.key(), &source).unwrap_or_else(|| {
+                    let slot = Slot {
+                        state: State::Empty,
+                        schedule: Schedule::default(),
+                        last_refresh_at: None,
+                    };
                     Arc::new(AccountTokens {
                         key: a.key(),
                         email: a.email.clone(),
                         source,
                         slot: Mutex::new(slot),
                         requests: Default::default(),
-                    }),
-                )
+                    })
+                });
+                (a.key(), tokens)
             })
             .collect();
         Ok(TokenManager {

@@ -72,6 +72,14 @@ pub async fn authorize<'c>(
     Ok((account, token))
 }
 
+/// A login attempt ended with `result`, for the status page's recent events.
+pub(crate) fn record(conn: &Conn, username: &str, result: &'static str) {
+    let account = conn.app.registry.lookup(username);
+    let user = loggable_user(account.map(|a| a.email.as_str()), username);
+    let protocol = conn.ctx.config.protocol;
+    (conn.app.activity).login(user, protocol, conn.peer.to_string(), result);
+}
+
 /// A username for a log line: a configured account as configured; anything else only as a
 /// short digest, since it may be a password typed into the wrong field (and its text is the
 /// client's, able to forge log lines).

@@ -8,6 +8,7 @@ pub mod login;
 mod origin;
 mod pool;
 mod pop3;
+mod reload;
 mod server;
 mod session;
 mod smtp;
@@ -16,7 +17,7 @@ pub mod stream;
 pub mod throttle;
 pub mod upstream;
 
-pub use server::{bind, raise_fd_limit, serve, BoundListener};
+pub use server::{bind, raise_fd_limit, serve, BoundListener, Server};
 pub(crate) use server::{refuse_busy, tune};
 pub use splice::splice;
 
@@ -40,10 +41,15 @@ pub struct App {
     /// Local password checks.
     pub accounts: Arc<Accounts>,
     pub tokens: TokenManager,
-    pub throttle: throttle::Throttle,
+    /// Kept across config reloads, like the IMAP slots: a reload must not forgive guessers.
+    pub throttle: Arc<throttle::Throttle>,
     /// Per account, the upstream IMAP sessions it may still open.
-    imap_slots: std::sync::Mutex<std::collections::HashMap<AccountKey, Arc<Semaphore>>>,
+    imap_slots: Arc<ImapSlots>,
+    /// Recent logins and open sessions, for the status page; kept across reloads.
+    pub activity: Arc<crate::activity::Activity>,
 }
+
+type ImapSlots = std::sync::Mutex<std::collections::HashMap<AccountKey, Arc<Semaphore>>>;
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +70,33 @@ impl App {
             tokens,
             throttle: Default::default(),
             imap_slots: Default::default(),
+            activity: Default::default(),
+        }))
+    }
+
+    /// The next generation for a reloaded config. What protects users outlives the reload:
+    /// brute-force counts, the per-account IMAP caps (unless the cap itself changed), cached
+    /// tokens of unchanged accounts, verified passwords. Open sessions keep the generation
+    /// they started with.
+    pub fn reconfigured(&self, config: Config) -> Result<Arc<App>, String> {
+        let store = Store::open(&config.state_dir, &config.store).map_err(|e| e.to_string())?;
+        let registry = Arc::new(Registry::new(&config, store).map_err(|e| e.to_string())?);
+        let accounts = Arc::new(self.accounts.reconfigured(registry.clone()));
+        let tokens = self.tokens.reconfigured(&config, registry.clone())?;
+        let same_cap = config.limits.imap_connections_per_account
+            == self.config.limits.imap_connections_per_account;
+        Ok(Arc::new(App {
+            registry,
+            accounts,
+            tokens,
+            throttle: self.throttle.clone(),
+            activity: self.activity.clone(),
+            imap_slots: if same_cap {
+                self.imap_slots.clone()
+            } else {
+                Default::default()
+            },
+            config,
         }))
     }
 

@@ -125,6 +125,11 @@ async fn log_in<D: Dialect>(
                         let failure = outcome.as_ref().err();
                         crate::metrics::upstream_login(conn.ctx.config.protocol, provider, failure);
                     }
+                    let outcome = match &result {
+                        Ok(outcome) => crate::metrics::login_result(outcome.as_ref().err()),
+                        Err(_) => "timed_out",
+                    };
+                    login::record(conn, &credentials.username, outcome);
                     match result {
                         Err(_) => return timed_out::<D, _>(&mut client).await,
                         Ok(Ok((email, up))) => {
@@ -194,6 +199,8 @@ async fn complete(
     }
     drop(pending);
     let _slot = up.slot.take();
+    let protocol = conn.ctx.config.protocol;
+    let _open = (conn.app.activity).session(crate::account::AccountKey::new(email), protocol);
     match splice(client, up.stream).await {
         Ok((to_up, to_client)) => {
             crate::metrics::spliced(conn.ctx.config.protocol, to_up, to_client);

@@ -48,6 +48,15 @@ pub fn generate() -> Result<(Secret, String), String> {
     Ok((password, hash))
 }
 
+/// An Argon2id PHC string of a password chosen by a person (`admin-password`).
+pub fn hash(password: &Secret) -> Result<String, String> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("hashing password: {e}"))
+}
+
 /// The id of the hash a password names, if it has the current format.
 fn password_id(password: &str) -> Option<&str> {
     let named =

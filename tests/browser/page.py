@@ -1,14 +1,18 @@
 """The admin status page in a real headless Chromium (selenium + chromedriver): accounts are
 listed, the filter narrows them, "Re-authorize" on a revoked account goes through the (fake)
 Google consent and back so that the account logs in again, "Add password" shows a password
-once that the proxy then accepts, and "Remove" revokes it. Screenshots go to SCREENSHOT_DIR.
+once that the proxy then accepts, and "Remove" revokes it. Logins appear in the recent events
+list without a reload, and a redirect address pasted into "Finish authorization" (what a
+browser on another device does) completes an authorization. Screenshots go to SCREENSHOT_DIR.
 
     python3 page.py ADMIN_URL IMAP_HOST IMAP_PORT SCREENSHOT_DIR ALICE_PASSWORD
 """
 
+import http.client
 import imaplib
 import os
 import sys
+import urllib.parse
 
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -41,6 +45,31 @@ def imap_login(password):
             return "OK"
         except imaplib.IMAP4.error as e:
             return str(e)
+
+
+def location(method, url, form=None):
+    """Where a request is redirected to, without following it (as a browser on another
+    device would: it cannot load the proxy's 127.0.0.1 address)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+    body = urllib.parse.urlencode(form) if form else None
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if form else {}
+    path = parts.path + ("?" + parts.query if parts.query else "")
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    conn.close()
+    return response.getheader("Location")
+
+
+def wait_for_event(driver, needle):
+    """Wait (without reloading) until the recent events list has a row containing needle."""
+    def found(d):
+        return any(needle in r.text for r in d.find_elements(By.CSS_SELECTOR, "#events tbody tr"))
+    try:
+        WebDriverWait(driver, 20).until(found)
+        return True
+    except Exception:
+        return False
 
 
 options = Options()
@@ -106,6 +135,47 @@ try:
           "Remove takes the label off the page")
     answer = imap_login(password)
     check("Invalid username or password" in answer, f"the removed password is refused ({answer[:60]})")
+
+    # Live updates: logins made elsewhere show up without a reload.
+    driver.get(ADMIN + "/")
+    heading = driver.find_element(By.TAG_NAME, "h1")
+    imap_login("not-the-password")
+    with imaplib.IMAP4(IMAP_HOST, IMAP_PORT) as c:
+        try:
+            c.login("mallory@example.net", "guess")
+        except imaplib.IMAP4.error:
+            pass
+    check(wait_for_event(driver, "unknown user"), "an unknown user's failure appears live, as a digest")
+    rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tbody tr")]
+    check(any(ALICE in r and "wrong_password" in r for r in rows), f"alice's wrong password is listed ({rows[:3]})")
+    check(not any("mallory" in r or "guess" in r for r in rows), "no username or password text of strangers")
+    try:
+        heading.is_displayed()
+        same_page = True
+    except Exception:
+        same_page = False
+    check(same_page, "the events arrived without a reload")
+    driver.execute_script("document.getElementById('events').scrollIntoView()")
+    driver.save_screenshot(os.path.join(SHOTS, "5-recent-events.png"))
+
+    # Authorize from another device: the consent's redirect is pasted into the page.
+    csrf = driver.find_element(By.CSS_SELECTOR, "#finish input[name='csrf']").get_attribute("value")
+    consent = location("POST", ADMIN + "/authorize", {"csrf": csrf, "account": ALICE})
+    redirected = location("GET", consent) if consent else None
+    check(bool(redirected) and "code=" in redirected, f"consent redirects with a code ({redirected})")
+    driver.find_element(By.ID, "redirect").send_keys(redirected or "")
+    driver.save_screenshot(os.path.join(SHOTS, "6-paste-redirect.png"))
+    driver.find_element(By.XPATH, "//button[text()='Finish authorization']").click()
+    try:
+        WebDriverWait(driver, 30).until(expected_conditions.presence_of_element_located((By.ID, "authorized")))
+        finished = True
+    except Exception:
+        finished = False
+    check(finished, f"the pasted address finishes the authorization ({driver.current_url})")
+    driver.save_screenshot(os.path.join(SHOTS, "7-pasted-authorized.png"))
+    answer = imap_login(ALICE_PASSWORD)
+    check("[UNAVAILABLE]" in answer, f"alice still gets a token ({answer[:60]})")
+
     errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     check(not errors, f"no console errors (CSP violations included): {errors}")
 finally:

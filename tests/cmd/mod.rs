@@ -225,6 +225,29 @@ impl Running {
         }
     }
 
+    /// Send it a signal (SIGHUP to reload).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill only sends a signal to the child this test started.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "kill failed");
+    }
+
+    /// Wait until stderr has `n` lines containing `marker` (20 s at most); returns stderr.
+    pub async fn logged_times(&self, marker: &str, n: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.stderr();
+            if text.lines().filter(|l| l.contains(marker)).count() >= n {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not {n} {marker:?} lines; stderr:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Type a line on its standard input.
     pub fn paste(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
