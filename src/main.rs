@@ -329,7 +329,6 @@ fn admin_views(
         let server = server.clone();
         move || server.app()
     };
-    let app_now = current(server);
     xoauth2_proxy::admin::Views {
         registry: {
             let app = current(server);
@@ -362,7 +361,10 @@ fn admin_views(
             let app = current(server);
             Box::new(move || app().tokens.unanswered_endpoints())
         },
-        accounts: Box::new(move || account_rows(&app_now())),
+        accounts: {
+            let app = current(server);
+            Box::new(move || account_rows(&app()))
+        },
         oauth_client: {
             let app = current(server);
             Box::new(move |account| app().config.oauth_client(account))
@@ -371,19 +373,23 @@ fn admin_views(
             .map(|u| vec![u.origin().ascii_serialization()])
             .unwrap_or_default(),
         activity: app.activity.clone(),
-        login: app
-            .config
-            .admin
-            .as_ref()
-            .and_then(|a| a.password_hash.clone())
-            .map(|hash| {
-                std::sync::Arc::new(xoauth2_proxy::admin::access::Login::new(
-                    hash,
-                    app.accounts.checker(),
-                    app.throttle.clone(),
-                ))
-            }),
+        login: admin_login(&app),
     }
+}
+
+/// The admin password check, when `[admin] password_hash` is set: on the mail logins' Argon2
+/// workers and brute-force throttle (both outlive config reloads).
+fn admin_login(
+    app: &xoauth2_proxy::proxy::App,
+) -> Option<std::sync::Arc<xoauth2_proxy::admin::access::Login>> {
+    let hash = app.config.admin.as_ref()?.password_hash.clone()?;
+    Some(std::sync::Arc::new(
+        xoauth2_proxy::admin::access::Login::new(
+            hash,
+            app.accounts.checker(),
+            app.throttle.clone(),
+        ),
+    ))
 }
 
 fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {

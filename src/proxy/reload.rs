@@ -43,7 +43,8 @@ impl Server {
         }
         let app = old.reconfigured(config)?;
         let steps = plan(&listeners, &app.config)?;
-        // Nothing below fails.
+        // Nothing below fails. New listeners start under the new settings.
+        self.swap(app.clone());
         let mut old_listeners: Vec<Option<Listening>> = listeners.drain(..).map(Some).collect();
         let (mut kept, mut added) = (0, 0);
         for step in steps {
@@ -66,7 +67,6 @@ impl Server {
                 }
             });
         }
-        self.swap(app.clone());
         self.publish(&listeners);
         let mut closed = 0;
         for l in old_listeners.into_iter().flatten() {
