@@ -222,20 +222,100 @@ def curl():
     check(rc == 0 and SEEDED in out, f"recipe curl: fetches the seeded message (exit {rc}: {tail(out, 1)})")
 
 
+# Only for the runner: no first-run screens, update checks or telemetry in a throwaway profile.
+QUIET_PROFILE = """
+user_pref("mail.provider.suppress_dialog_on_startup", true);
+user_pref("mail.shell.checkDefaultClient", false);
+user_pref("mailnews.start_page.enabled", false);
+user_pref("app.update.enabled", false);
+user_pref("datareporting.policy.dataSubmissionEnabled", false);
+user_pref("toolkit.telemetry.enabled", false);
+user_pref("mail.rights.version", 1);
+"""
+
+
+def nss_encrypt(profile, texts):
+    """Thunderbird's password manager entries are sealed with the profile's NSS key (SDR): make
+    the key and seal the texts the way Thunderbird does, through libnss3."""
+    import base64
+    import ctypes
+    from ctypes import POINTER, Structure, byref, c_char_p, c_int, c_uint, c_void_p
+
+    class SECItem(Structure):
+        _fields_ = [("type", c_uint), ("data", c_void_p), ("len", c_uint)]
+
+    subprocess.run(["certutil", "-N", "-d", f"sql:{profile}", "--empty-password"], check=True)
+    nss = ctypes.CDLL("libnss3.so")
+    nss.NSS_InitReadWrite.argtypes = [c_char_p]
+    nss.PK11_GetInternalKeySlot.restype = c_void_p
+    nss.PK11_Authenticate.argtypes = [c_void_p, c_int, c_void_p]
+    nss.PK11_FreeSlot.argtypes = [c_void_p]
+    nss.PK11SDR_Encrypt.argtypes = [POINTER(SECItem)] * 3 + [c_void_p]
+    if nss.NSS_InitReadWrite(f"sql:{profile}".encode()) != 0:
+        raise RuntimeError("NSS_InitReadWrite failed")
+    slot = nss.PK11_GetInternalKeySlot()
+    nss.PK11_Authenticate(slot, 1, None)
+    sealed = []
+    for text in texts:
+        raw = text.encode()
+        buf = ctypes.create_string_buffer(raw, len(raw))
+        data, keyid, out = SECItem(0, ctypes.cast(buf, c_void_p), len(raw)), SECItem(0, None, 0), SECItem(0, None, 0)
+        if nss.PK11SDR_Encrypt(byref(keyid), byref(data), byref(out), None) != 0:
+            raise RuntimeError("PK11SDR_Encrypt failed")
+        sealed.append(base64.b64encode(ctypes.string_at(out.data, out.len)).decode())
+    nss.PK11_FreeSlot(slot)
+    nss.NSS_Shutdown()
+    return sealed
+
+
+def thunderbird():
+    """Headless Thunderbird with the README's prefs and the app password in its password
+    manager (as after the user typed it once) opens INBOX over IMAP through the proxy."""
+    h = home("thunderbird", {"profile/user.js": recipe("thunderbird") + QUIET_PROFILE})
+    profile = h / "profile"
+    user, password = nss_encrypt(profile, [USER, ENV["password"]])
+    now = int(time.time() * 1000)
+    login = {"id": 1, "hostname": "imap://127.0.0.1", "httpRealm": "imap://127.0.0.1",
+             "formSubmitURL": None, "usernameField": "", "passwordField": "",
+             "encryptedUsername": user, "encryptedPassword": password,
+             "guid": "{" + str(uuid.uuid4()) + "}", "encType": 1, "timeCreated": now,
+             "timeLastUsed": now, "timePasswordChanged": now, "timesUsed": 1}
+    (profile / "logins.json").write_text(json.dumps({"nextId": 2, "logins": [login], "version": 3}))
+    if NOBODY is not None:
+        for path in [profile, *profile.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY)
+    proc = subprocess.Popen(["thunderbird", "--headless", "--no-remote", "--profile", str(profile)],
+                            cwd=h, env=client_env(h), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=become_client)
+    found = False
+    end = time.time() + 90
+    while time.time() < end and not found and proc.poll() is None:
+        for msf in profile.glob("ImapMail/*/INBOX.msf"):
+            found = found or SEEDED.encode() in msf.read_bytes()
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    check(found, "recipe thunderbird: headless Thunderbird lists the seeded message in INBOX over IMAP")
+
+
 def main():
-    expected = {"fetchmail-pop3", "fetchmail-imap", "getmail-imap", "mutt", "msmtp", "phpmailer",
+    expected = {"thunderbird", "fetchmail-pop3", "fetchmail-imap", "getmail-imap", "mutt", "msmtp", "phpmailer",
                 "python", "curl"}
     check(set(RECIPES) == expected, f"the README has the recipes this runner runs ({sorted(RECIPES)})")
-    fetchmail("fetchmail-pop3")
-    fetchmail("fetchmail-imap")
-    getmail()
-    for program in ("mutt", "neomutt"):
-        mutt_read(program)
-        mutt_send(program)
-    msmtp()
-    phpmailer()
-    python()
-    curl()
+    only = os.environ.get("INTEROP_RECIPES", "").split()
+    steps = {
+        "thunderbird": thunderbird,
+        "fetchmail": lambda: (fetchmail("fetchmail-pop3"), fetchmail("fetchmail-imap")),
+        "getmail": getmail,
+        "mutt": lambda: [(mutt_read(p), mutt_send(p)) for p in ("mutt", "neomutt")],
+        "msmtp": msmtp,
+        "phpmailer": phpmailer,
+        "python": python,
+        "curl": curl,
+    }
+    for name, step in steps.items():
+        if not only or name in only:
+            step()
 
 
 main()

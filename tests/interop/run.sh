@@ -41,7 +41,7 @@ say "packages"
 missing=()
 # The clients of the README's recipes come from Debian too (recipes.py runs them).
 for p in dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd curl openssl python3 \
-    fetchmail getmail6 mutt neomutt msmtp php-cli libphp-phpmailer; do
+    thunderbird libnss3-tools fetchmail getmail6 mutt neomutt msmtp php-cli libphp-phpmailer; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 if ((${#missing[@]})); then
