@@ -123,6 +123,10 @@ pub async fn serve(
     }
     let cancel = CancellationToken::new();
     app.tokens.spawn_refresher(cancel.clone());
+    if let Some(peers) = app.registry.store().peers() {
+        // Until the process ends: its sessions' leases lapse only when it is gone.
+        tokio::spawn(peers.clone().renew_leases_forever());
+    }
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(app.config.limits.max_connections));
     for l in listeners {
