@@ -738,6 +738,39 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_store_needs_a_url_and_a_shared_key_file_and_hides_its_password() {
+        let base = "state_dir = \"s\"\n[store]\nkind = \"redis\"\n";
+        let c = parse(&format!(
+            "{base}url = \"redis://app:hunter2@10.0.0.5:6379/0\"\nkey_file = \"k\"\n[limits]\nimap_slot_wait_ms = 500\n"
+        ))
+        .unwrap();
+        let StoreKind::Redis { url, prefix } = &c.store.kind else {
+            panic!("{:?}", c.store.kind);
+        };
+        assert_eq!(url.expose(), "redis://app:hunter2@10.0.0.5:6379/0");
+        assert_eq!(prefix, "xoauth2-proxy");
+        assert_eq!(c.store.key_file, Some(PathBuf::from("/etc/xo/k")));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.limits.imap_slot_wait, Duration::from_millis(500));
+        assert_eq!(Limits::default().imap_slot_wait, Duration::from_secs(2));
+        for (text, says) in [
+            (format!("{base}key_file = \"k\"\n"), "needs url"),
+            (format!("{base}url = \"redis://h\"\n"), "needs key_file"),
+            (
+                format!("{base}url = \"http://h\"\nkey_file = \"k\"\n"),
+                "redis://",
+            ),
+            (
+                "[store]\nurl = \"redis://h\"\n".to_string(),
+                "for kind = \"redis\"",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_gmail_defaults_and_relative_paths() {
         let c = parse(
             r#"

@@ -519,31 +519,57 @@ async fn redis_restarted_during_a_run_keeps_sessions_refuses_new_logins_for_a_wh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn logging_out_and_straight_back_in_at_the_imap_cap_is_never_refused() {
+async fn a_login_at_the_imap_cap_waits_for_a_session_that_ends_meanwhile() {
     let google = FakeGoogle::start().await;
     let pki = TestPki::new();
     let imap = FakeImap::start(&google, &pki, UpstreamTls::Implicit).await;
-    let proxy = Proxy::start(
-        &google,
-        &pki,
-        &[ListenerSpec::new("imap", imap.addr)],
-        &[ALICE],
-    )
-    .await;
+    let listeners = [ListenerSpec::new("imap", imap.addr)];
+    let proxy = Proxy::start(&google, &pki, &listeners, &[ALICE]).await;
     let password = proxy.authorize(&google, ALICE);
     let addr = proxy.addrs[0];
     let mut held = Vec::new();
-    for _ in 0..14 {
+    for _ in 0..15 {
         let (answer, client) = imap_login(addr, ALICE, &password).await;
         assert!(answer.starts_with("a1 OK"), "{answer}");
         held.push(client);
     }
-    let (_, mut last) = imap_login(addr, ALICE, &password).await;
-    for cycle in 0..30 {
-        last.send_line("z LOGOUT").await;
-        last.read_imap_tagged("z").await;
-        let (answer, client) = imap_login(addr, ALICE, &password).await;
-        assert!(answer.starts_with("a1 OK"), "cycle {cycle}: {answer}");
-        last = client;
+    // The 16th arrives while all 15 are open, and one ends while it waits (default 2 s).
+    let pw = password.clone();
+    let waiting = tokio::spawn(async move { imap_login(addr, ALICE, &pw).await.0 });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut leaving = held.remove(0);
+    leaving.send_line("z LOGOUT").await;
+    leaving.read_imap_tagged("z").await;
+    let answer = waiting.await.unwrap();
+    assert!(answer.starts_with("a1 OK"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_logins_spread_over_3_proxies_are_counted_and_slowed_together() {
+    let Some(cluster) = Cluster::start(TEST_LIMITS).await else {
+        return;
+    };
+    let password = cluster.authorize(ALICE);
+    let nodes = cluster.nodes(3);
+    // Two wrong passwords on each proxy: no proxy alone has seen enough to slow down.
+    for node in &nodes {
+        for _ in 0..2 {
+            assert_eq!(smtp_auth(node.smtp, ALICE, "wrong").await, Some(535));
+        }
     }
+    assert!(cluster
+        .redis
+        .command("GET test:fail:acct:alice@gmail.com")
+        .unwrap()
+        .contains("\r\n6\r\n"));
+    // The 7th failure counts as the 7th: its answer waits the 7th's delay (3.2 s), not the
+    // 3rd's (0.2 s) that the local count alone would give.
+    let started = Instant::now();
+    assert_eq!(smtp_auth(nodes[0].smtp, ALICE, "wrong").await, Some(535));
+    let waited = started.elapsed();
+    assert!(
+        waited >= xoauth2_proxy::proxy::throttle::delay_for(7),
+        "{waited:?}"
+    );
+    assert_eq!(smtp_auth(nodes[1].smtp, ALICE, &password).await, Some(235));
 }

@@ -32,6 +32,8 @@ pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reconnect backoff of the change listener.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the listener checks that Redis still answers.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// Concurrent writers retry their compare-and-set at most this often before giving up.
 const CAS_TRIES: usize = 100;
 
@@ -318,11 +320,7 @@ async fn listen(
                 if let Some(s) = subscribed.take() {
                     let _ = s.send(());
                 }
-                let mut messages = pubsub.into_on_message();
-                while messages.next().await.is_some() {
-                    inner.generation.fetch_add(1, Ordering::AcqRel);
-                }
-                "the connection was closed".to_string()
+                follow(&inner, pubsub.into_on_message()).await
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "no answer in time".to_string(),
@@ -333,6 +331,30 @@ async fn listen(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Bump the generation on every notice until the subscription ends, or Redis stops answering
+/// (a partition leaves the subscription's socket open and silent); returns why it ended.
+async fn follow(inner: &Inner, mut messages: ::redis::aio::PubSubStream) -> String {
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = messages.next() => match message {
+                Some(_) => {
+                    inner.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                None => return "the connection was closed".into(),
+            },
+            _ = probe.tick() => {
+                let mut conn = inner.conn.clone();
+                let ping = ::redis::cmd("PING");
+                if let Err(e) = inner.op(ping.query_async::<()>(&mut conn)).await {
+                    return e.to_string();
+                }
+            }
+        }
     }
 }
 
