@@ -486,6 +486,12 @@ while IFS= read -r line; do
 done < <(timeout 240 python3 "$HERE/checks.py" "$T/env.json" 2>&1; echo "checks.py exit $?")
 
 # ---------------------------------------------------------------------------------------------
+# Cluster: replicas on one Redis behind HAProxy (tests/interop/cluster.sh)
+# ---------------------------------------------------------------------------------------------
+# shellcheck source=tests/interop/cluster.sh
+source "$HERE/cluster.sh"
+
+# ---------------------------------------------------------------------------------------------
 # Shutdown
 # ---------------------------------------------------------------------------------------------
 say "shutdown"
