@@ -573,3 +573,30 @@ async fn failed_logins_spread_over_3_proxies_are_counted_and_slowed_together() {
     );
     assert_eq!(smtp_auth(nodes[1].smtp, ALICE, &password).await, Some(235));
 }
+
+#[test]
+fn the_kubernetes_example_configures_redis_and_the_proxy_protocol() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes.yaml");
+    let yaml = std::fs::read_to_string(path).unwrap();
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| !l.contains("config.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let config = xoauth2_proxy::config::Config::parse(
+        &toml,
+        std::path::Path::new("/etc/xoauth2-proxy/config.toml"),
+    )
+    .unwrap();
+    assert!(matches!(
+        config.store.kind,
+        xoauth2_proxy::config::StoreKind::Redis { .. }
+    ));
+    assert_eq!(config.listeners.len(), 2);
+    assert!(config
+        .listeners
+        .iter()
+        .all(|l| l.proxy_protocol && !l.trusted_proxies.is_empty()));
+}
