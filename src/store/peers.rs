@@ -7,10 +7,10 @@
 //! - `P:fail:WHAT`: failed-login counts, for the brute-force throttle.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ::redis::AsyncCommands;
+use ::redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -26,12 +26,12 @@ pub const LEASE: Duration = Duration::from_secs(30);
 pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 
 /// Delete the key only if it still holds this holder's value.
-const COMPARE_AND_DELETE: &str = r"
+const COMPARE_AND_DELETE_LUA: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
 
 /// Drop lapsed leases, then take one if fewer than the cap are held.
-const TAKE_LEASE: &str = r"
+const TAKE_LEASE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -41,12 +41,17 @@ redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
 return 1";
 
 /// Extend the leases still held (XX: a lease that lapsed meanwhile is not revived).
-const RENEW_LEASES: &str = r"
+const RENEW_LEASES_LUA: &str = r"
 local t = redis.call('TIME')
 local until_ = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 return 1";
+
+// Each script is hashed once: it is sent by its SHA1, and loaded only when Redis lacks it.
+static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| Script::new(COMPARE_AND_DELETE_LUA));
+static TAKE_LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE_LEASE_LUA));
+static RENEW_LEASES: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LEASES_LUA));
 
 /// An access token as stored: bound to its account, so a swapped record is refused.
 #[derive(Serialize, Deserialize)]
@@ -205,8 +210,7 @@ impl Peers {
     /// Give the lock back, unless it lapsed and someone else holds it now.
     pub async fn unlock(&self, lock: RefreshLock) {
         let mut conn = self.inner.conn.clone();
-        let script = ::redis::Script::new(COMPARE_AND_DELETE);
-        let mut call = script.prepare_invoke();
+        let mut call = COMPARE_AND_DELETE.prepare_invoke();
         call.key(&lock.key).arg(&lock.holder);
         let _: Result<i64, _> = self.inner.op(call.invoke_async(&mut conn)).await;
     }
@@ -220,8 +224,7 @@ impl Peers {
         let set = self.inner.name(&format!("imap:{account}"));
         let id = format!("{:032x}", rand::random::<u128>());
         let mut conn = self.inner.conn.clone();
-        let script = ::redis::Script::new(TAKE_LEASE);
-        let mut call = script.prepare_invoke();
+        let mut call = TAKE_LEASE.prepare_invoke();
         call.key(&set)
             .arg(cap)
             .arg(&id)
@@ -256,8 +259,7 @@ impl Peers {
         }
         for (set, ids) in by_set {
             let mut conn = self.inner.conn.clone();
-            let script = ::redis::Script::new(RENEW_LEASES);
-            let mut call = script.prepare_invoke();
+            let mut call = RENEW_LEASES.prepare_invoke();
             call.key(&set).arg(LEASE.as_millis() as u64).arg(ids);
             let _: Result<i64, _> = self.inner.op(call.invoke_async(&mut conn)).await;
         }

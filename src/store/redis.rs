@@ -14,7 +14,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
@@ -38,12 +38,13 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 const CAS_TRIES: usize = 100;
 
 /// Set the data only if the version is still the one it was read at; bump and announce it.
-const CAS: &str = r"
+const CAS_LUA: &str = r"
 if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 local v = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], v)
 return 1";
+static CAS: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(CAS_LUA));
 
 /// What the backend and [`Peers`] both use: the connection, the key and the names.
 pub(crate) struct Inner {
@@ -241,8 +242,7 @@ impl RedisBackend {
         let inner = self.inner.clone();
         self.worker.block(async move {
             let mut conn = inner.conn.clone();
-            let script = ::redis::Script::new(CAS);
-            let mut call = script.prepare_invoke();
+            let mut call = CAS.prepare_invoke();
             call.key(inner.name("store"))
                 .key(inner.name("version"))
                 .arg(version)
