@@ -50,7 +50,11 @@ pub async fn run(path: &Path) -> (usize, usize) {
             };
             match s.load() {
                 Ok(_) => {
-                    report.ok("store", format!("{} ({key})", config.state_dir.display()));
+                    let place = match &config.store.kind {
+                        StoreKind::Redis { .. } => s.describe(),
+                        _ => config.state_dir.display().to_string(),
+                    };
+                    report.ok("store", format!("{place} ({key})"));
                     Some(s)
                 }
                 Err(e) => {

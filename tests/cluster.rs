@@ -262,6 +262,9 @@ async fn store_copy_round_trips_three_accounts_between_a_file_and_redis() {
     assert!(!raw.contains("argon2"), "{raw}");
     let out = cluster.cli(&["password", "list", BOB], None);
     assert!(out.ok() && out.stdout.contains("phone"), "{out:?}");
+    let out = cluster.cli(&["check"], None);
+    let at = format!("the Redis store at {}", cluster.redis.url());
+    assert!(out.stdout.contains(&at), "{out:?}");
 
     let back = cluster.dir.path().join("back.enc");
     let back_arg = back.display().to_string();

@@ -179,6 +179,11 @@ impl Store {
         self.peers.as_ref()
     }
 
+    /// For messages: where the secrets are.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
