@@ -603,3 +603,21 @@ fn the_kubernetes_example_configures_redis_and_the_proxy_protocol() {
         .iter()
         .all(|l| l.proxy_protocol && !l.trusted_proxies.is_empty()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shared_token_gmail_rejects_is_replaced_once_for_every_proxy() {
+    let Some(cluster) = Cluster::start(TEST_LIMITS).await else {
+        return;
+    };
+    let password = cluster.authorize(ALICE);
+    let nodes = cluster.nodes(2);
+    for node in &nodes {
+        assert_eq!(smtp_auth(node.smtp, ALICE, &password).await, Some(235));
+    }
+    let before = cluster.google.token_requests();
+    cluster.google.invalidate_access_tokens();
+    for node in &nodes {
+        assert_eq!(smtp_auth(node.smtp, ALICE, &password).await, Some(235));
+    }
+    assert_eq!(cluster.google.token_requests() - before, 1);
+}

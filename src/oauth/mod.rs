@@ -305,6 +305,9 @@ struct AccountTokens {
     source: Source,
     slot: Mutex<Slot>,
     requests: AtomicU64,
+    /// The last token an upstream rejected: on a shared store it may still be there (its
+    /// removal is under way) and must not be taken for a fresh one.
+    rejected: Mutex<Option<Secret>>,
 }
 
 struct Shared {
@@ -397,6 +400,7 @@ impl TokenManager {
                         source,
                         slot: Mutex::new(slot),
                         requests: Default::default(),
+                        rejected: Mutex::new(None),
                     }),
                 )
             })
@@ -491,6 +495,7 @@ impl TokenManager {
                 slot.state = State::Empty;
             }
             drop(slot);
+            *lock(&acct.rejected) = Some(token.token.clone());
             let peers = self.shared.registry.store().peers().cloned();
             if let (Some(peers), Ok(rt)) = (peers, tokio::runtime::Handle::try_current()) {
                 let (key, token) = (key.clone(), token.token.clone());
@@ -725,7 +730,10 @@ impl Shared {
             expires_at: t.expires_at,
             obtained_at: t.obtained_at,
         });
-        Ok(token.filter(|t| want.accepts(t)).map(Arc::new))
+        let rejected = lock(&acct.rejected).clone();
+        Ok(token
+            .filter(|t| want.accepts(t) && rejected.as_ref() != Some(&t.token))
+            .map(Arc::new))
     }
 
     /// Remember whether the provider's token endpoint answered this request, for `/readyz`.
