@@ -20,6 +20,8 @@ pub enum LocalAuthError {
     BadCredentials,
     /// The store could not be read: not the client's fault.
     Store(String),
+    /// A shared store is unreachable; its outage is logged where it is noticed, once.
+    Unavailable(String),
 }
 
 const CACHE_LIMIT: usize = 4096;
@@ -67,10 +69,10 @@ impl Accounts {
         password: &Secret,
     ) -> Result<AccountKey, LocalAuthError> {
         let key = AccountKey::new(username);
-        let data = self
-            .registry
-            .current()
-            .map_err(|e| LocalAuthError::Store(e.to_string()))?;
+        let data = self.registry.current().map_err(|e| match e {
+            StoreError::Unavailable(why) => LocalAuthError::Unavailable(why),
+            other => LocalAuthError::Store(other.to_string()),
+        })?;
         let hashes: Vec<String> = if self.registry.is_configured(&key) {
             data.account(&key)
                 .map(|a| a.passwords.iter().map(|p| p.hash.clone()).collect())

@@ -42,14 +42,19 @@ pub async fn run(path: &Path) -> (usize, usize) {
     );
     let store = match Store::open(&config.state_dir, &config.store) {
         Ok(s) => {
-            let key = match (&config.store.key_file, config.store.kind) {
+            let key = match (&config.store.key_file, &config.store.kind) {
                 (Some(p), _) => format!("key file {}", p.display()),
                 (None, StoreKind::File) => "key in master.key".into(),
                 (None, StoreKind::Keyring) => "key in the OS keyring".into(),
+                (None, StoreKind::Redis { .. }) => "no key".into(),
             };
             match s.load() {
                 Ok(_) => {
-                    report.ok("store", format!("{} ({key})", config.state_dir.display()));
+                    let place = match &config.store.kind {
+                        StoreKind::Redis { .. } => s.describe(),
+                        _ => config.state_dir.display().to_string(),
+                    };
+                    report.ok("store", format!("{place} ({key})"));
                     Some(s)
                 }
                 Err(e) => {

@@ -52,10 +52,23 @@ pub enum UpstreamTls {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum StoreKind {
+enum RawStoreKind {
     #[default]
     File,
     Keyring,
+    Redis,
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreKind {
+    /// `store.enc` in the state dir.
+    #[default]
+    File,
+    /// The file, with its key in the OS keyring.
+    Keyring,
+    /// A Redis shared by every process of a deployment; the URL may hold a password.
+    Redis { url: Secret, prefix: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,8 +130,10 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     #[serde(default)]
-    kind: StoreKind,
+    kind: RawStoreKind,
     key_file: Option<PathBuf>,
+    url: Option<Secret>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +196,7 @@ struct RawLimits {
     shutdown_grace_secs: Option<u64>,
     imap_connections_per_account: Option<usize>,
     max_pending_per_source: Option<usize>,
+    imap_slot_wait_ms: Option<u64>,
 }
 
 /// A validated config.
@@ -199,7 +215,7 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub kind: StoreKind,
     /// A master key file outside the state dir (containers, systemd credentials).
@@ -270,6 +286,9 @@ pub struct Limits {
     pub imap_connections_per_account: usize,
     /// Connections from one address (IPv6: one /64) that may be logging in at once.
     pub max_pending_per_source: usize,
+    /// How long a login that finds the account's IMAP sessions all taken waits for one to end:
+    /// a client that logs out and straight back in must not be refused for the release's lag.
+    pub imap_slot_wait: Duration,
 }
 
 impl Default for Limits {
@@ -281,6 +300,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(10),
             imap_connections_per_account: 15,
             max_pending_per_source: 64,
+            imap_slot_wait: Duration::from_secs(2),
         }
     }
 }
@@ -343,10 +363,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             state_dir,
-            store: StoreConfig {
-                kind: raw.store.kind,
-                key_file: raw.store.key_file.as_deref().map(|p| cx.resolve(p)),
-            },
+            store: store(&raw.store, &cx)?,
             listeners: listeners(&raw.listener, tls.is_some(), &cx)?,
             tls,
             google: google(raw.providers.google.unwrap_or_default(), &cx)?,
@@ -616,6 +633,41 @@ fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, Conf
     Ok(accounts)
 }
 
+fn store(raw: &RawStore, cx: &Context) -> Result<StoreConfig, ConfigError> {
+    let kind = match raw.kind {
+        RawStoreKind::File => StoreKind::File,
+        RawStoreKind::Keyring => StoreKind::Keyring,
+        RawStoreKind::Redis => {
+            let url = raw.url.clone().ok_or_else(|| {
+                cx.invalid(
+                    "[store] kind = \"redis\" needs url (redis://HOST:PORT/DB or rediss://...)"
+                        .into(),
+                )
+            })?;
+            if !["redis://", "rediss://"]
+                .iter()
+                .any(|s| url.expose().starts_with(s))
+            {
+                return Err(cx.invalid("[store] url must start with redis:// or rediss://".into()));
+            }
+            if raw.key_file.is_none() {
+                return Err(cx.invalid(
+                    "[store] kind = \"redis\" needs key_file: every process sharing the store must use the same master key".into(),
+                ));
+            }
+            let prefix = raw.prefix.clone().unwrap_or_else(|| "xoauth2-proxy".into());
+            StoreKind::Redis { url, prefix }
+        }
+    };
+    if !matches!(kind, StoreKind::Redis { .. }) && (raw.url.is_some() || raw.prefix.is_some()) {
+        return Err(cx.invalid("[store] url and prefix are for kind = \"redis\"".into()));
+    }
+    Ok(StoreConfig {
+        kind,
+        key_file: raw.key_file.as_deref().map(|p| cx.resolve(p)),
+    })
+}
+
 /// A `*_secs` key as a duration, or the default.
 fn secs_or(secs: Option<u64>, default: Duration) -> Duration {
     secs.map_or(default, Duration::from_secs)
@@ -642,6 +694,9 @@ fn limits(raw: &RawLimits, cx: &Context) -> Result<Limits, ConfigError> {
             .max_pending_per_source
             .unwrap_or(d.max_pending_per_source)
             .max(1),
+        imap_slot_wait: raw
+            .imap_slot_wait_ms
+            .map_or(d.imap_slot_wait, Duration::from_millis),
     };
     Ok(limits)
 }
@@ -718,6 +773,39 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/xo/config.toml"))
+    }
+
+    #[test]
+    fn a_redis_store_needs_a_url_and_a_shared_key_file_and_hides_its_password() {
+        let base = "state_dir = \"s\"\n[store]\nkind = \"redis\"\n";
+        let c = parse(&format!(
+            "{base}url = \"redis://app:hunter2@10.0.0.5:6379/0\"\nkey_file = \"k\"\n[limits]\nimap_slot_wait_ms = 500\n"
+        ))
+        .unwrap();
+        let StoreKind::Redis { url, prefix } = &c.store.kind else {
+            panic!("{:?}", c.store.kind);
+        };
+        assert_eq!(url.expose(), "redis://app:hunter2@10.0.0.5:6379/0");
+        assert_eq!(prefix, "xoauth2-proxy");
+        assert_eq!(c.store.key_file, Some(PathBuf::from("/etc/xo/k")));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.limits.imap_slot_wait, Duration::from_millis(500));
+        assert_eq!(Limits::default().imap_slot_wait, Duration::from_secs(2));
+        for (text, says) in [
+            (format!("{base}key_file = \"k\"\n"), "needs url"),
+            (format!("{base}url = \"redis://h\"\n"), "needs key_file"),
+            (
+                format!("{base}url = \"http://h\"\nkey_file = \"k\"\n"),
+                "redis://",
+            ),
+            (
+                "[store]\nurl = \"redis://h\"\n".to_string(),
+                "for kind = \"redis\"",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

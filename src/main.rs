@@ -90,6 +90,32 @@ enum Command {
     /// Read a password (prompted, or one line of standard input) and print its Argon2 hash
     /// for [admin] password_hash
     AdminPassword,
+    /// Move the secrets between the configured store (e.g. Redis) and a store file
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy every account's secrets into, or out of, the configured store; the file is sealed
+    /// with the configured store's master key, and the target must hold no accounts yet
+    Copy {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Write the configured store's secrets to this new store file
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "from",
+            required_unless_present = "from"
+        )]
+        to: Option<PathBuf>,
+        /// Read a store file (such as state_dir/store.enc) into the configured store
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +238,9 @@ fn run(cli: Cli) -> Result<(), String> {
         },
         Command::Cert { config } => cert(&config),
         Command::AdminPassword => admin_password(),
+        Command::Store {
+            command: StoreCommand::Copy { config, to, from },
+        } => store_copy(&config, to, from),
     }
 }
 
@@ -266,6 +295,49 @@ fn prompt_hidden(prompt: &str) -> Result<Secret, String> {
     }
     eprintln!();
     line
+}
+
+fn store_copy(arg: &ConfigArg, to: Option<PathBuf>, from: Option<PathBuf>) -> Result<(), String> {
+    let config = load(arg)?;
+    let configured = open_store(&config)?;
+    let (file, into_file) = match (to, from) {
+        (Some(path), None) => (path, true),
+        (None, Some(path)) => (path, false),
+        _ => return Err("give one of --to FILE and --from FILE".into()),
+    };
+    let at = Store::file_at(&file, &config.state_dir, &config.store).map_err(|e| e.to_string())?;
+    let (source, target) = if into_file {
+        (&configured, &at)
+    } else {
+        (&at, &configured)
+    };
+    let (data, stamp) = source.load().map_err(|e| e.to_string())?;
+    if !into_file && stamp.is_none() {
+        return Err(format!("{} does not exist", file.display()));
+    }
+    let copied = data.accounts.len();
+    target
+        .update(|held| {
+            if !held.accounts.is_empty() {
+                return Err(xoauth2_proxy::store::StoreError::Other(format!(
+                    "the target already holds {} account(s); copy only into an empty store",
+                    held.accounts.len()
+                )));
+            }
+            *held = data.clone();
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    let (what, whence) = if into_file {
+        ("to", "from the configured store")
+    } else {
+        ("from", "into the configured store")
+    };
+    println!(
+        "Copied {copied} account(s) {whence} {what} {}.",
+        file.display()
+    );
+    Ok(())
 }
 
 fn serve(arg: &ConfigArg) -> Result<(), String> {

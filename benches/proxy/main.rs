@@ -12,15 +12,17 @@
 //! descriptor limit); `--burst N` (1000); `--storm N` (1000); `--wrong N` (wrong-password
 //! storm: logins with a wrong password, 16 at once, each from its own 127.x.y.z address, with
 //! the proxy's memory before, at peak and after; 1000); `--message-mib N` (8); for
-//! profiling `--only idle|burst|latency|throughput|storm|wrong|soak`, `--transfer
+//! profiling `--only idle|burst|latency|redis|throughput|storm|wrong|soak`, `--transfer
 //! imap_fetch|smtp_data|pop3_retr` and `--streams 1|16`. `XOAUTH2_PROXY_BIN=path` runs another
-//! build of the proxy. Everything listens on 127.0.0.1 and every wait is bounded; a watchdog
-//! ends the run after 15 minutes.
+//! build of the proxy. Row 2b runs a second proxy on a private redis-server (`[store] kind =
+//! "redis"`) when one is installed. Everything listens on 127.0.0.1 and every wait is bounded;
+//! a watchdog ends the run after 15 minutes.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
 mod client;
+mod redis_store;
 mod sys;
 mod upstream;
 
@@ -129,7 +131,7 @@ fn main() {
     let opts = match Opts::parse() {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("bench: {e}\nusage: cargo bench --bench proxy -- [--json] [--quick] [--secs S] [--rounds N] [--samples N] [--sessions N] [--burst N] [--storm N] [--wrong N] [--soak N] [--message-mib N] [--only idle|burst|latency|throughput|storm|wrong|soak] [--transfer imap_fetch|smtp_data|pop3_retr] [--streams 1|16]");
+            eprintln!("bench: {e}\nusage: cargo bench --bench proxy -- [--json] [--quick] [--secs S] [--rounds N] [--samples N] [--sessions N] [--burst N] [--storm N] [--wrong N] [--soak N] [--message-mib N] [--only idle|burst|latency|redis|throughput|storm|wrong|soak] [--transfer imap_fetch|smtp_data|pop3_retr] [--streams 1|16]");
             std::process::exit(2);
         }
     };
@@ -408,6 +410,11 @@ async fn run(opts: &Opts, nofile: u64) -> Result<Value, String> {
     } else {
         Value::Null
     };
+    let redis = if want("redis") {
+        redis_store::phase(&env, &pki, opts.samples).await?
+    } else {
+        Value::Null
+    };
     let (throughput, cpu) = if want("throughput") {
         phase_throughput(&env, opts).await?
     } else {
@@ -447,6 +454,7 @@ async fn run(opts: &Opts, nofile: u64) -> Result<Value, String> {
         },
         "throughput": throughput,
         "login_latency": latency,
+        "redis_store_latency": redis,
         "burst": burst,
         "idle_sessions": idle,
         "refresh_storm": storm,
@@ -1133,6 +1141,7 @@ fn render(r: &Value) -> String {
             );
         }
     }
+    redis_store::render(&mut out, &r["redis_store_latency"]);
     let line = |out: &mut String, label: &str, result: String, target: &str, ok: Option<bool>| {
         let text = format!(
             "{label:<36} {result:>31}  {target:<9} {}",

@@ -204,7 +204,9 @@ impl Login {
             *self.accepted.lock().unwrap_or_else(|e| e.into_inner()) = Some(digest);
         } else {
             tracing::info!(%peer, "admin login refused: wrong password");
-            self.throttle.failed(peer.ip(), Some(THROTTLE_KEY)).await;
+            self.throttle
+                .failed(peer.ip(), Some(THROTTLE_KEY), None)
+                .await;
         }
         ok
     }

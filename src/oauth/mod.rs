@@ -26,6 +26,7 @@ use crate::config::{Config, OAuthClient};
 use crate::provider::{self, Provider};
 use crate::registry::{grant, Registry};
 use crate::secret::Secret;
+use crate::store::peers::{Peers, SharedToken};
 use service_account::ServiceAccount;
 use token_endpoint::{GrantError, Granted};
 
@@ -333,6 +334,9 @@ struct AccountTokens {
     source: Source,
     slot: Mutex<Slot>,
     requests: AtomicU64,
+    /// The last token an upstream rejected: on a shared store it may still be there (its
+    /// removal is under way) and must not be taken for a fresh one.
+    rejected: Mutex<Option<Secret>>,
 }
 
 struct Shared {
@@ -374,6 +378,11 @@ const MIN_BACKGROUND_AGE: Duration = Duration::from_secs(60);
 const BACKGROUND_RETRY: Duration = Duration::from_secs(30);
 /// The refresher looks at least this often (for age warnings and missed wake-ups).
 const REFRESHER_TICK: Duration = Duration::from_secs(60);
+/// How long one process may hold an account's refresh lock on a shared store: a holder that
+/// dies delays the others by at most this.
+const REFRESH_LOCK_TTL: Duration = Duration::from_secs(10);
+/// How often a process waiting for another's refresh looks for the token it stores.
+const PEER_POLL: Duration = Duration::from_millis(50);
 /// Repeat a refresh-token age warning at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(12 * 3600);
 
@@ -455,6 +464,7 @@ impl TokenManager {
                         source,
                         slot: Mutex::new(slot),
                         requests: Default::default(),
+                        rejected: Mutex::new(None),
                     })
                 });
                 (a.key(), tokens)
@@ -529,7 +539,7 @@ impl TokenManager {
             };
             match next {
                 Next::Done(outcome) => return outcome,
-                Next::Lead(flight) => return self.shared.fly(flight).await,
+                Next::Lead(flight) => return self.shared.fly(flight, Want::Login).await,
                 // A leader that gave up leaves no outcome: look again (and maybe lead).
                 Next::Wait(mut done) => {
                     if let Ok(outcome) = done.wait_for(Option::is_some).await {
@@ -548,6 +558,13 @@ impl TokenManager {
             let mut slot = lock(&acct.slot);
             if matches!(&slot.state, State::Active(t) if Arc::ptr_eq(t, token)) {
                 slot.state = State::Empty;
+            }
+            drop(slot);
+            *lock(&acct.rejected) = Some(token.token.clone());
+            let peers = self.shared.registry.store().peers().cloned();
+            if let (Some(peers), Ok(rt)) = (peers, tokio::runtime::Handle::try_current()) {
+                let (key, token) = (key.clone(), token.token.clone());
+                rt.spawn(async move { peers.drop_token(&key, &token).await });
             }
         }
     }
@@ -658,7 +675,7 @@ impl Shared {
     }
 
     /// Refresh as the flight's leader and move the state to the outcome.
-    async fn fly(&self, flight: Flight) -> Outcome {
+    async fn fly(&self, flight: Flight, want: Want) -> Outcome {
         let acct = flight.acct.clone();
         let refresh_token = match self.refresh_token(&acct) {
             Ok(t) => t,
@@ -670,8 +687,12 @@ impl Shared {
             }
         };
         let started = Instant::now();
-        let outcome = self.refresh(&acct, refresh_token.clone()).await;
+        let (outcome, asked) = match self.registry.store().peers() {
+            Some(peers) => self.refresh_shared(&acct, peers, &want).await,
+            None => (self.refresh(&acct, refresh_token.clone()).await, true),
+        };
         let result = match &outcome {
+            _ if !asked => None,
             Ok(_) => Some("ok"),
             // Nothing to refresh with: no request was made.
             Err(TokenError::NeverAuthorized { .. }) => None,
@@ -693,6 +714,91 @@ impl Shared {
             self.wake.notify_one();
         }
         outcome
+    }
+
+    /// Refresh with the processes sharing the store: take a token one of them stored, else
+    /// take the account's lock and refresh for all. Returns the outcome and whether this
+    /// process asked the token endpoint.
+    async fn refresh_shared(
+        &self,
+        acct: &AccountTokens,
+        peers: &Peers,
+        want: &Want,
+    ) -> (Outcome, bool) {
+        // A holder that died is replaced after the lock's TTL; waiting twice that is enough.
+        let deadline = Instant::now() + REFRESH_LOCK_TTL * 2;
+        loop {
+            match self.peers_token(acct, peers, want).await {
+                Ok(Some(token)) => return (Ok(token), false),
+                Ok(None) => {}
+                Err(e) => return (Err(e), false),
+            }
+            match peers.try_lock(&acct.key, REFRESH_LOCK_TTL).await {
+                Ok(Some(held)) => {
+                    let out = self.refresh_locked(acct, peers, want).await;
+                    peers.unlock(held).await;
+                    return out;
+                }
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(PEER_POLL).await,
+                Ok(None) => {
+                    let e = "another proxy is refreshing the access token and has not finished";
+                    return (Err(store_unavailable(acct, e)), false);
+                }
+                Err(e) => return (Err(store_unavailable(acct, e)), false),
+            }
+        }
+    }
+
+    async fn refresh_locked(
+        &self,
+        acct: &AccountTokens,
+        peers: &Peers,
+        want: &Want,
+    ) -> (Outcome, bool) {
+        // Another process may have stored a token between the look and the lock.
+        match self.peers_token(acct, peers, want).await {
+            Ok(Some(token)) => return (Ok(token), false),
+            Ok(None) => {}
+            Err(e) => return (Err(e), false),
+        }
+        let refresh_token = match self.refresh_token(acct) {
+            Ok(t) => t,
+            Err(e) => return (Err(e), false),
+        };
+        let outcome = self.refresh(acct, refresh_token).await;
+        if let Ok(t) = &outcome {
+            let stored = SharedToken {
+                token: t.token.clone(),
+                obtained_at: t.obtained_at,
+                expires_at: t.expires_at,
+            };
+            if let Err(e) = peers.put_token(&acct.key, &stored).await {
+                tracing::warn!(account = %acct.email, error = %e, "cannot share the new access token");
+            }
+        }
+        (outcome, true)
+    }
+
+    /// The token another process stored, if it serves what is wanted.
+    async fn peers_token(
+        &self,
+        acct: &AccountTokens,
+        peers: &Peers,
+        want: &Want,
+    ) -> Result<Option<Arc<AccessToken>>, TokenError> {
+        let stored = peers
+            .token(&acct.key)
+            .await
+            .map_err(|e| store_unavailable(acct, e))?;
+        let token = stored.map(|t| AccessToken {
+            token: t.token,
+            expires_at: t.expires_at,
+            obtained_at: t.obtained_at,
+        });
+        let rejected = lock(&acct.rejected).clone();
+        Ok(token
+            .filter(|t| want.accepts(t) && rejected.as_ref() != Some(&t.token))
+            .map(Arc::new))
     }
 
     /// Remember whether the provider's token endpoint answered this request, for `/readyz`.
@@ -892,7 +998,8 @@ impl Shared {
             acct.take_off(&mut slot, &self.flights)
         };
         tracing::debug!(account = %acct.email, "refreshing the access token ahead of expiry");
-        if self.fly(flight).await.is_ok() {
+        let min_age = Duration::from_millis(self.min_background_age_ms.load(Ordering::Relaxed));
+        if self.fly(flight, Want::Ahead(min_age)).await.is_ok() {
             lock(&acct.slot).schedule.not_before = None;
         }
     }
@@ -1003,6 +1110,31 @@ fn check_scope(email: &str, granted: &Granted, wanted: &str, mail: &str) -> Resu
             Err(error)
         }
         _ => Ok(()),
+    }
+}
+
+/// What a refresh is for: a login needs a fresh token; a refresh ahead of expiry needs one
+/// not yet due for that.
+enum Want {
+    Login,
+    Ahead(Duration),
+}
+
+impl Want {
+    fn accepts(&self, token: &AccessToken) -> bool {
+        let now = SystemTime::now();
+        match self {
+            Want::Login => token.is_fresh(now),
+            Want::Ahead(min_age) => now < token.background_due(*min_age),
+        }
+    }
+}
+
+fn store_unavailable(acct: &AccountTokens, e: impl std::fmt::Display) -> TokenError {
+    TokenError::Temporary {
+        email: acct.email.clone(),
+        detail: format!("cannot reach the shared store: {e}"),
+        retry_after: None,
     }
 }
 

@@ -38,13 +38,7 @@ impl Dialect for Imap {
         account: &AccountConfig,
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
-        let slot = conn
-            .app
-            .imap_slot(&account.key())
-            .ok_or_else(|| Failure::TooManySessions {
-                email: account.email.clone(),
-                limit: conn.app.config.limits.imap_connections_per_account,
-            })?;
+        let slot = conn.app.imap_slot(account).await?;
         let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
         let tag = session.login_tag().unwrap_or(FALLBACK_TAG);
         let mut up = upstream::login(conn, account, token, |xo| {

@@ -38,7 +38,8 @@ pub async fn authorize<'c>(
     let key = match verified {
         Ok(key) => {
             crate::metrics::local_login(protocol, "ok");
-            app.throttle.succeeded(source);
+            app.throttle
+                .succeeded_among(source, app.registry.store().peers());
             key
         }
         Err(LocalAuthError::BadCredentials) => {
@@ -50,8 +51,9 @@ pub async fn authorize<'c>(
                 "login refused: wrong username or password"
             );
             let key = account.map(|a| a.key());
+            let peers = app.registry.store().peers();
             app.throttle
-                .failed(source, key.as_ref().map(|k| k.as_str()))
+                .failed(source, key.as_ref().map(|k| k.as_str()), peers)
                 .await;
             return Err(Failure::BadCredentials);
         }
@@ -59,6 +61,14 @@ pub async fn authorize<'c>(
             crate::metrics::local_login(protocol, "error");
             tracing::error!(error = %detail, "cannot check password");
             return Err(Failure::Temporary { detail });
+        }
+        Err(LocalAuthError::Unavailable(detail)) => {
+            crate::metrics::local_login(protocol, "error");
+            // The outage itself is logged once, where it is noticed; not once per login.
+            tracing::debug!(error = %detail, "cannot check password");
+            return Err(Failure::Temporary {
+                detail: "the proxy's shared store is unreachable".into(),
+            });
         }
     };
     let Some(account) = app.registry.account(&key) else {

@@ -28,10 +28,12 @@ use tokio::sync::Semaphore;
 
 use crate::account::AccountKey;
 use crate::accounts::Accounts;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{AccountConfig, Config, ListenerConfig};
 use crate::oauth::TokenManager;
 use crate::registry::Registry;
+use crate::store::peers::{Lease, Peers};
 use crate::store::Store;
+use login::Failure;
 
 /// Everything shared by all connections.
 pub struct App {
@@ -79,7 +81,14 @@ impl App {
     /// tokens of unchanged accounts, verified passwords. Open sessions keep the generation
     /// they started with.
     pub fn reconfigured(&self, config: Config) -> Result<Arc<App>, String> {
-        let store = Store::open(&config.state_dir, &config.store).map_err(|e| e.to_string())?;
+        // The same store stays open: on Redis its connections, change listener and the leases
+        // of open sessions (renewed by the server) carry over.
+        let store =
+            if config.store == self.config.store && config.state_dir == self.config.state_dir {
+                self.registry.store().clone()
+            } else {
+                Store::open(&config.state_dir, &config.store).map_err(|e| e.to_string())?
+            };
         let registry = Arc::new(Registry::new(&config, store).map_err(|e| e.to_string())?);
         let accounts = Arc::new(self.accounts.reconfigured(registry.clone()));
         let tokens = self.tokens.reconfigured(&config, registry.clone())?;
@@ -100,18 +109,70 @@ impl App {
         }))
     }
 
-    /// Reserve one of the account's upstream IMAP sessions, if it has one left.
-    pub fn imap_slot(&self, key: &AccountKey) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let limit = self.config.limits.imap_connections_per_account;
+    /// Reserve one of the account's upstream IMAP sessions, waiting briefly if none is free.
+    /// On a shared store the sessions of every proxy count.
+    pub async fn imap_slot(&self, account: &AccountConfig) -> Result<ImapSlot, Failure> {
+        let limits = &self.config.limits;
+        let full = || Failure::TooManySessions {
+            email: account.email.clone(),
+            limit: limits.imap_connections_per_account,
+        };
+        let key = account.key();
+        if let Some(peers) = self.registry.store().peers() {
+            return leased_slot(peers, &key, limits).await?.ok_or_else(full);
+        }
         let slots = self
             .imap_slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(limits.imap_connections_per_account)))
             .clone();
-        slots.try_acquire_owned().ok()
+        match tokio::time::timeout(limits.imap_slot_wait, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(ImapSlot {
+                _permit: Some(permit),
+                _lease: None,
+            }),
+            _ => Err(full()),
+        }
     }
+}
+
+/// A leased slot from the shared count, polling until `imap_slot_wait` has passed.
+async fn leased_slot(
+    peers: &Peers,
+    key: &AccountKey,
+    limits: &crate::config::Limits,
+) -> Result<Option<ImapSlot>, Failure> {
+    let deadline = tokio::time::Instant::now() + limits.imap_slot_wait;
+    loop {
+        let lease = peers
+            .try_lease(key, limits.imap_connections_per_account)
+            .await
+            .map_err(|e| Failure::Temporary {
+                detail: e.to_string(),
+            })?;
+        if let Some(lease) = lease {
+            return Ok(Some(ImapSlot {
+                _permit: None,
+                _lease: Some(lease),
+            }));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep_until(deadline.min(now + SLOT_POLL)).await;
+    }
+}
+
+/// How often a login waiting for a shared IMAP slot looks again.
+const SLOT_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// One of an account's upstream IMAP sessions, held while the session lasts.
+pub struct ImapSlot {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _lease: Option<Lease>,
 }
 
 /// One listener's settings and TLS material, shared by its connections.

@@ -83,7 +83,13 @@ impl Server {
 
     /// New connections get `app` from now on; its token refresher replaces the old one.
     fn swap(&self, app: Arc<App>) {
-        *write(&self.app) = app.clone();
+        let old = std::mem::replace(&mut *write(&self.app), app.clone());
+        if let Some(peers) = app.registry.store().peers() {
+            if !old.registry.store().same_as(app.registry.store()) {
+                // A new shared store: its sessions' leases need renewing too.
+                tokio::spawn(peers.clone().renew_leases_forever());
+            }
+        }
         let refresher = self.cancel.child_token();
         app.tokens.spawn_refresher(refresher.clone());
         let old = std::mem::replace(&mut *lock(&self.refresher), refresher);

@@ -187,6 +187,10 @@ impl Server {
         let cancel = CancellationToken::new();
         let refresher = cancel.child_token();
         app.tokens.spawn_refresher(refresher.clone());
+        if let Some(peers) = app.registry.store().peers() {
+            // Until the process ends: its sessions' leases lapse only when it is gone.
+            tokio::spawn(peers.clone().renew_leases_forever());
+        }
         let max = app.config.limits.max_connections;
         let server = Arc::new(Server {
             app: RwLock::new(app),

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::store::peers::Peers;
+
 /// Failures allowed before any delay (typos happen).
 const FREE_FAILURES: u32 = 3;
 const BASE_DELAY: Duration = Duration::from_millis(200);
@@ -184,8 +186,23 @@ impl Throttle {
 
     /// A login failed: count it against the source and, if it named a configured account
     /// (its normalized email), that account; wait until its answer may go out.
-    pub async fn failed(&self, source: IpAddr, account: Option<&str>) {
-        let at = self.schedule(source, account, Instant::now());
+    /// On a shared store (`peers`) it is also counted with the other proxies', so spreading
+    /// guesses over replicas gains nothing: the answer waits for whichever count says longer.
+    /// An unreachable store leaves the local count alone in charge.
+    pub async fn failed(&self, source: IpAddr, account: Option<&str>, peers: Option<&Peers>) {
+        let now = Instant::now();
+        let mut at = self.schedule(source, account, now);
+        if let Some(peers) = peers {
+            let mut keys = vec![format!("src:{}", Source::of(source).0)];
+            keys.extend(account.map(|a| format!("acct:{a}")));
+            let mut most = 0;
+            for key in keys {
+                if let Ok(n) = peers.count_failure(&key, FORGET_AFTER).await {
+                    most = most.max(n);
+                }
+            }
+            at = at.max(now + delay_for(u32::try_from(most).unwrap_or(u32::MAX)));
+        }
         tokio::time::sleep_until(at).await;
     }
 
@@ -217,6 +234,20 @@ impl Throttle {
     pub fn succeeded(&self, source: IpAddr) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         table.sources.remove(&Source::of(source));
+    }
+
+    /// As [`Throttle::succeeded`], and the shared count of the source is cleared too (only when
+    /// it was slowed here, so a good login costs no Redis round trip).
+    pub fn succeeded_among(&self, source: IpAddr, peers: Option<&Peers>) {
+        let was_counted = {
+            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            table.sources.remove(&Source::of(source)).is_some()
+        };
+        let (Some(peers), true) = (peers, was_counted) else {
+            return;
+        };
+        let (peers, key) = (peers.clone(), format!("src:{}", Source::of(source).0));
+        tokio::spawn(async move { peers.clear_failures(&key).await });
     }
 
     /// Sources whose wrong answers are being slowed down now (for metrics).

@@ -25,7 +25,7 @@ pub struct Upstream {
     /// Bytes the server sent after it.
     pub leftover: Vec<u8>,
     /// Held for the session's life where the provider limits concurrent sessions.
-    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub slot: Option<super::ImapSlot>,
 }
 
 fn temporary(detail: String) -> Failure {

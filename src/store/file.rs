@@ -19,6 +19,8 @@ const LOCK_FILE: &str = "store.lock";
 
 pub struct FileBackend {
     dir: PathBuf,
+    file: PathBuf,
+    lock: PathBuf,
     key: MasterKey,
 }
 
@@ -26,18 +28,34 @@ impl FileBackend {
     pub fn new(dir: &Path, key: MasterKey) -> FileBackend {
         FileBackend {
             dir: dir.to_path_buf(),
+            file: dir.join(STORE_FILE),
+            lock: dir.join(LOCK_FILE),
+            key,
+        }
+    }
+
+    /// A store file at any path (`store copy`), locked by a file beside it named after it.
+    pub fn at(path: &Path, key: MasterKey) -> FileBackend {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut lock = path.as_os_str().to_owned();
+        lock.push(".lock");
+        FileBackend {
+            dir,
+            file: path.to_path_buf(),
+            lock: lock.into(),
             key,
         }
     }
 
     fn store_path(&self) -> PathBuf {
-        self.dir.join(STORE_FILE)
+        self.file.clone()
     }
 
     /// Temp files of writers that were killed before their rename. Only the lock holder
     /// writes, so with the lock held every such file is stale.
     fn remove_stale_temp_files(&self) {
-        let prefix = format!(".{STORE_FILE}.");
+        let file_name = self.file.file_name().unwrap_or_default().to_string_lossy();
+        let prefix = format!(".{file_name}.");
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -112,7 +130,7 @@ impl Backend for FileBackend {
     }
 
     fn update(&self, change: Change<'_>) -> Result<(), StoreError> {
-        let _lock = lock_dir(&self.dir)?;
+        let _lock = lock_file(&self.lock)?;
         self.remove_stale_temp_files();
         let (mut data, _) = self.load()?;
         change(&mut data)?;
@@ -124,14 +142,17 @@ impl Backend for FileBackend {
 /// The exclusive lock on the store's folder, held until the returned file is dropped (also
 /// when the process dies: it is an flock).
 pub(crate) fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    let lock_path = dir.join(LOCK_FILE);
+    lock_file(&dir.join(LOCK_FILE))
+}
+
+fn lock_file(lock_path: &Path) -> Result<File, StoreError> {
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
+        .open(lock_path)
+        .map_err(io_err(lock_path))?;
+    lock.lock().map_err(io_err(lock_path))?;
     Ok(lock)
 }

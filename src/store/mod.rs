@@ -7,6 +7,8 @@ pub mod file;
 pub mod key;
 pub mod os_keyring;
 pub mod password;
+pub mod peers;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -40,6 +42,9 @@ pub enum StoreError {
     Format { path: PathBuf },
     #[error("{0}")]
     Other(String),
+    /// A shared store that cannot be reached now: temporary, not the client's fault.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -115,7 +120,8 @@ pub trait Backend: Send + Sync {
     fn stamp(&self) -> Result<Option<Stamp>, StoreError>;
     /// The newest data (empty if nothing was written yet), with its stamp.
     fn load(&self) -> Result<(StoreData, Option<Stamp>), StoreError>;
-    /// Apply `change` to the newest data, atomically with respect to every other writer.
+    /// Apply `change` to the newest data, atomically with respect to every other writer (an
+    /// optimistic backend applies it again to newer data when another writer came first).
     fn update(&self, change: Change<'_>) -> Result<(), StoreError>;
 }
 
@@ -124,6 +130,7 @@ pub trait Backend: Send + Sync {
 pub struct Store {
     dir: PathBuf,
     backend: Arc<dyn Backend>,
+    peers: Option<peers::Peers>,
 }
 
 impl std::fmt::Debug for Store {
@@ -138,16 +145,23 @@ impl Store {
     /// Open (creating on first use) the configured store, with the key from its source.
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
         ensure_private_dir(dir)?;
-        let key = match (&config.key_file, config.kind) {
-            (Some(path), _) => key::read_key_file(path)?,
-            (None, StoreKind::File) => key::load_or_create_key_file(&dir.join(KEY_FILE))?,
-            (None, StoreKind::Keyring) => {
-                // Under the store lock: two processes creating the key at once must agree.
-                let _lock = file::lock_dir(dir)?;
-                os_keyring::load_or_create(dir)?
-            }
-        };
-        let backend = file::FileBackend::new(dir, key::MasterKey::from_bytes(key));
+        let key = key::MasterKey::from_bytes(master_key(dir, config)?);
+        if let StoreKind::Redis { url, prefix } = &config.kind {
+            let backend = redis::RedisBackend::open(url.expose(), prefix, key)?;
+            let peers = backend.peers();
+            let mut store = Store::with_backend(dir, Arc::new(backend));
+            store.peers = Some(peers);
+            return Ok(store);
+        }
+        let backend = file::FileBackend::new(dir, key);
+        Ok(Store::with_backend(dir, Arc::new(backend)))
+    }
+
+    /// A store file at `path`, sealed with the configured store's master key (`store copy`).
+    pub fn file_at(path: &Path, dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        ensure_private_dir(dir)?;
+        let key = key::MasterKey::from_bytes(master_key(dir, config)?);
+        let backend = file::FileBackend::at(path, key);
         Ok(Store::with_backend(dir, Arc::new(backend)))
     }
 
@@ -156,7 +170,23 @@ impl Store {
         Store {
             dir: dir.to_path_buf(),
             backend,
+            peers: None,
         }
+    }
+
+    /// What processes on a shared store coordinate through (None for a store of one machine).
+    pub fn peers(&self) -> Option<&peers::Peers> {
+        self.peers.as_ref()
+    }
+
+    /// Whether both are the same open store (not merely equal settings).
+    pub fn same_as(&self, other: &Store) -> bool {
+        Arc::ptr_eq(&self.backend, &other.backend)
+    }
+
+    /// For messages: where the secrets are.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
     }
 
     /// The state directory.
@@ -174,21 +204,38 @@ impl Store {
         self.backend.load()
     }
 
-    /// Apply `change` to the newest data and write it back, atomically for every writer.
+    /// Apply `change` to the newest data and write it back, atomically for every writer. A
+    /// shared backend applies it again to newer data when another writer came first, so it
+    /// must depend on nothing but the data; the result of the write that landed is returned.
     pub fn update<T>(
         &self,
-        change: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
+        mut change: impl FnMut(&mut StoreData) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut change = Some(change);
         let mut out = None;
         self.backend.update(&mut |data| {
-            let f = change
-                .take()
-                .ok_or_else(|| StoreError::Other("store change applied twice".into()))?;
-            out = Some(f(data)?);
+            out = Some(change(data)?);
             Ok(())
         })?;
         out.ok_or_else(|| StoreError::Other("store change was not applied".into()))
+    }
+}
+
+/// The configured store's master key, from its source (created on first use where it may be).
+fn master_key(
+    dir: &Path,
+    config: &StoreConfig,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, StoreError> {
+    match (&config.key_file, &config.kind) {
+        (Some(path), _) => key::read_key_file(path),
+        (None, StoreKind::File) => key::load_or_create_key_file(&dir.join(KEY_FILE)),
+        (None, StoreKind::Keyring) => {
+            // Under the store lock: two processes creating the key at once must agree.
+            let _lock = file::lock_dir(dir)?;
+            os_keyring::load_or_create(dir)
+        }
+        (None, StoreKind::Redis { .. }) => Err(StoreError::Key(
+            "[store] kind = \"redis\" needs key_file: every process sharing the store must use the same master key".into(),
+        )),
     }
 }
 

@@ -498,6 +498,12 @@ say "client recipes (README.md, run as printed)"
 run_checks recipes.py "$T/env.json" "$ROOT/README.md"
 
 # ---------------------------------------------------------------------------------------------
+# Cluster: replicas on one Redis behind HAProxy (tests/interop/cluster.sh)
+# ---------------------------------------------------------------------------------------------
+# shellcheck source=tests/interop/cluster.sh
+source "$HERE/cluster.sh"
+
+# ---------------------------------------------------------------------------------------------
 # Shutdown
 # ---------------------------------------------------------------------------------------------
 say "shutdown"

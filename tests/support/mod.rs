@@ -15,6 +15,7 @@ pub mod http;
 pub mod imap;
 pub mod pki;
 pub mod pop3;
+pub mod redis;
 pub mod smtp;
 pub mod storm;
 
