@@ -288,6 +288,9 @@ impl Drop for Flight {
 enum Source {
     /// A stored refresh token and this OAuth client (or why there is none).
     RefreshToken(Result<OAuthClient, String>),
+    /// Client credentials (Microsoft app-only): no user, no refresh token; one token serves
+    /// every mailbox of the tenant.
+    ClientCredentials(Result<OAuthClient, String>),
     /// A service account key (or why it is unusable: read again at the next attempt, so a
     /// fixed key file needs no restart), with the scope and token endpoint.
     ServiceAccount {
@@ -365,36 +368,48 @@ impl TokenManager {
         registry: Arc<Registry>,
         status_dir: Option<PathBuf>,
     ) -> Result<TokenManager, String> {
-        let tokens = config
-            .accounts
-            .iter()
-            .map(|a| {
-                let source = match &a.service_account_key {
-                    Some(path) => Source::ServiceAccount {
+        let mut tokens = HashMap::new();
+        // App-only accounts of one app in one tenant share one token (and its state).
+        let mut app_tokens: HashMap<(String, String), Arc<AccountTokens>> = HashMap::new();
+        for a in &config.accounts {
+            let (source, email) = match &a.service_account_key {
+                Some(path) => (
+                    Source::ServiceAccount {
                         path: path.clone(),
                         key: Mutex::new(ServiceAccount::load(path).map(Arc::new)),
                         scope: config.google.scope.clone(),
                         token_url: config.google.token_url.clone(),
                     },
-                    None => Source::RefreshToken(config.oauth_client(a)),
-                };
-                let slot = Slot {
-                    state: State::Empty,
-                    schedule: Schedule::default(),
-                    last_refresh_at: None,
-                };
-                (
-                    a.key(),
-                    Arc::new(AccountTokens {
-                        key: a.key(),
-                        email: a.email.clone(),
-                        source,
-                        slot: Mutex::new(slot),
-                        requests: Default::default(),
-                    }),
-                )
-            })
-            .collect();
+                    a.email.clone(),
+                ),
+                None if a.app_only => {
+                    let client = config.oauth_client(a);
+                    let shared_by = client
+                        .as_ref()
+                        .map(|c| (c.token_url.clone(), c.client_id.clone()))
+                        .ok();
+                    if let Some(acct) = shared_by.as_ref().and_then(|k| app_tokens.get(k)) {
+                        tokens.insert(a.key(), acct.clone());
+                        continue;
+                    }
+                    let acct = AccountTokens::new(
+                        a,
+                        Source::ClientCredentials(client),
+                        format!("app-only ({})", config.microsoft.tenant),
+                    );
+                    if let Some(k) = shared_by {
+                        app_tokens.insert(k, acct.clone());
+                    }
+                    tokens.insert(a.key(), acct);
+                    continue;
+                }
+                None => (
+                    Source::RefreshToken(config.oauth_client(a)),
+                    a.email.clone(),
+                ),
+            };
+            tokens.insert(a.key(), AccountTokens::new(a, source, email));
+        }
         Ok(TokenManager {
             shared: Arc::new(Shared {
                 http: token_endpoint::http_client()?,
@@ -493,7 +508,9 @@ impl TokenManager {
         let shared = self.shared.clone();
         for acct in shared.tokens.values() {
             let unusable = match &acct.source {
-                Source::RefreshToken(Err(why)) => Some(why.clone()),
+                Source::RefreshToken(Err(why)) | Source::ClientCredentials(Err(why)) => {
+                    Some(why.clone())
+                }
                 Source::ServiceAccount { key, .. } => lock(key).as_ref().err().cloned(),
                 _ => None,
             };
@@ -521,10 +538,30 @@ impl TokenManager {
 }
 
 impl AccountTokens {
+    fn new(
+        account: &crate::config::AccountConfig,
+        source: Source,
+        email: String,
+    ) -> Arc<AccountTokens> {
+        Arc::new(AccountTokens {
+            key: account.key(),
+            email,
+            source,
+            slot: Mutex::new(Slot {
+                state: State::Empty,
+                schedule: Schedule::default(),
+                last_refresh_at: None,
+            }),
+            requests: Default::default(),
+        })
+    }
+
     /// Whose tokens these are (service accounts are Google's).
     fn provider(&self) -> &'static dyn Provider {
         match &self.source {
-            Source::RefreshToken(Ok(client)) => client.provider,
+            Source::RefreshToken(Ok(client)) | Source::ClientCredentials(Ok(client)) => {
+                client.provider
+            }
             _ => provider::default_provider(),
         }
     }
@@ -588,7 +625,7 @@ impl Shared {
                         retry_after: None,
                     })
             }
-            Source::ServiceAccount { .. } => Ok(None),
+            Source::ServiceAccount { .. } | Source::ClientCredentials(_) => Ok(None),
         }
     }
 
@@ -656,7 +693,9 @@ impl Shared {
                 error: error.clone(),
                 refresh_token,
                 until: match acct.source {
-                    Source::ServiceAccount { .. } => Some(now + SERVICE_ACCOUNT_HOLD),
+                    Source::ServiceAccount { .. } | Source::ClientCredentials(_) => {
+                        Some(now + SERVICE_ACCOUNT_HOLD)
+                    }
                     Source::RefreshToken(_) => None,
                 },
             },
@@ -725,6 +764,11 @@ impl Shared {
                 })
                 .await;
                 Ok((granted, client.scope.as_str()))
+            }
+            Source::ClientCredentials(client) => {
+                let client = client.as_ref().map_err(misconfigured)?;
+                acct.requests.fetch_add(1, Ordering::Relaxed);
+                Ok((client_credentials(&self.http, client).await, ""))
             }
             Source::ServiceAccount {
                 path,
@@ -836,7 +880,7 @@ impl Shared {
         let Some(secrets) = data.account(&acct.key) else {
             return;
         };
-        if secrets.refresh_token.is_none() || matches!(acct.source, Source::ServiceAccount { .. }) {
+        if secrets.refresh_token.is_none() || !matches!(acct.source, Source::RefreshToken(_)) {
             return;
         }
         let Some(text) = grant::refresh_token_attention(
@@ -927,7 +971,7 @@ impl AccountTokens {
 /// refreshes fine.
 fn check_scope(email: &str, granted: &Granted, wanted: &str, mail: &str) -> Result<(), TokenError> {
     match &granted.scope {
-        Some(scope) if !scope.split_whitespace().any(|s| s == wanted) => {
+        Some(scope) if !crate::config::scope_covered(wanted, scope) => {
             let error = TokenError::Revoked {
                 email: email.to_string(),
                 detail: format!(
@@ -949,6 +993,28 @@ fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The client credentials grant (RFC 6749 §4.4) with the client's scope.
+async fn client_credentials(
+    http: &reqwest::Client,
+    client: &OAuthClient,
+) -> Result<Granted, GrantError> {
+    let Some(secret) = &client.client_secret else {
+        return Err(GrantError::Client(
+            "client credentials need a client_secret".into(),
+        ));
+    };
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", client.client_id.as_str()),
+        ("client_secret", secret.expose()),
+        ("scope", client.scope.as_str()),
+    ];
+    let provider = client.provider;
+    token_endpoint::token_request(http, &client.token_url, &form)
+        .await
+        .map_err(|e| e.into_grant_error(|r| provider.refresh_refusal(r)))
 }
 
 /// `import`: check a refresh token with one refresh; returns the verified grant.

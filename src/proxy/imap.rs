@@ -45,7 +45,7 @@ impl Dialect for Imap {
                 email: account.email.clone(),
                 limit: conn.app.config.limits.imap_connections_per_account,
             })?;
-        let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+        let starttls = conn.ctx.target(Some(account)).tls == UpstreamTls::Starttls;
         let tag = session.login_tag().unwrap_or(FALLBACK_TAG);
         let mut up = upstream::login(conn, account, token, |xo| {
             UpstreamLogin::new(tag, xo, starttls)

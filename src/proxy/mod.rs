@@ -41,6 +41,8 @@ pub struct App {
     pub accounts: Arc<Accounts>,
     pub tokens: TokenManager,
     pub throttle: throttle::Throttle,
+    /// Per account, a pause before the next upstream login that a server asked for.
+    pub backoff: upstream::Backoff,
     /// Per account, the upstream IMAP sessions it may still open.
     imap_slots: std::sync::Mutex<std::collections::HashMap<AccountKey, Arc<Semaphore>>>,
 }
@@ -63,6 +65,7 @@ impl App {
             accounts,
             tokens,
             throttle: Default::default(),
+            backoff: Default::default(),
             imap_slots: Default::default(),
         }))
     }

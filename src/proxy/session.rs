@@ -114,16 +114,25 @@ async fn log_in<D: Dialect>(
                     session.tls_established();
                 }
                 ClientAction::Login { credentials } => {
+                    // The account's provider names whose service failed, in replies and
+                    // metrics; an unknown username gets the default provider's words.
+                    let provider = conn
+                        .app
+                        .registry
+                        .lookup(&credentials.username)
+                        .map_or_else(crate::provider::default_provider, |a| a.provider);
                     let result = async {
                         let (account, token) = login::authorize(conn, &credentials).await?;
+                        let limit = conn.app.config.limits.upstream_timeout;
+                        conn.app.backoff.honour(&account.key(), limit).await?;
                         let up = dialect.login(conn, &session, account, token).await?;
                         Ok::<_, Failure>((account.email.clone(), up))
                     };
                     let result = timeout_at(deadline, result).await;
                     if let Ok(outcome) = &result {
-                        let provider = crate::provider::default_provider().id();
                         let failure = outcome.as_ref().err();
-                        crate::metrics::upstream_login(conn.ctx.config.protocol, provider, failure);
+                        let protocol = conn.ctx.config.protocol;
+                        crate::metrics::upstream_login(protocol, provider.id(), failure);
                     }
                     match result {
                         Err(_) => return timed_out::<D, _>(&mut client).await,
@@ -131,8 +140,7 @@ async fn log_in<D: Dialect>(
                             let pending = session.into_pending_input();
                             return Some((email, client, up, pending));
                         }
-                        Ok(Err(failure)) => session
-                            .login_failed(&failure, crate::provider::default_provider().words()),
+                        Ok(Err(failure)) => session.login_failed(&failure, provider.words()),
                     }
                 }
             }
