@@ -593,6 +593,10 @@ impl Login<'_> {
         let code = device::start(&http, client, &device_url, &scopes)
             .await
             .map_err(|e| format!("{who} did not start the device sign-in: {e}"))?;
+        // Listening before the code is shown: an interrupt from then on is answered in words.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
         println!(
             "To authorize {} for {}, open {} on any device, enter the code\n\n    {}\n\nand sign in as {}. Waiting up to {} (checking every {} s; Ctrl-C stops, storing nothing) ...",
             acct.email,
@@ -606,7 +610,7 @@ impl Login<'_> {
         let _ = std::io::stdout().flush();
         let granted = tokio::select! {
             r = device::poll(&http, client, &code, tokio::time::sleep) => r.map_err(|e| e.to_string())?,
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 return Err(format!("interrupted; nothing was stored for {}", acct.email));
             }
         };

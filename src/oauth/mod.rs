@@ -880,7 +880,11 @@ impl Shared {
         let Some(secrets) = data.account(&acct.key) else {
             return;
         };
-        if secrets.refresh_token.is_none() || !matches!(acct.source, Source::RefreshToken(_)) {
+        let google = acct.provider().id() == provider::default_provider().id();
+        if secrets.refresh_token.is_none()
+            || !matches!(acct.source, Source::RefreshToken(_))
+            || !google
+        {
             return;
         }
         let Some(text) = grant::refresh_token_attention(

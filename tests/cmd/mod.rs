@@ -225,6 +225,14 @@ impl Running {
         }
     }
 
+    /// Send it SIGINT, as Ctrl-C in a terminal does.
+    pub fn interrupt(&self) {
+        // SAFETY: kill(2) on our own child's pid only delivers a signal.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        }
+    }
+
     /// Type a line on its standard input.
     pub fn paste(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
