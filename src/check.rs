@@ -129,6 +129,8 @@ async fn check_accounts(config: &Config, store: Store, report: &mut Report) {
                     .unwrap_or_default();
                 let how = if a.service_account_key.is_some() {
                     "service account"
+                } else if a.app_only {
+                    "app's client credentials"
                 } else {
                     "refresh token"
                 };

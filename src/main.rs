@@ -21,7 +21,7 @@ use xoauth2_proxy::store::Store;
 #[command(
     name = "xoauth2-proxy",
     version,
-    about = "Lets password-only mail clients use Gmail through OAuth 2.0 (XOAUTH2)"
+    about = "Lets password-only mail clients use Gmail and Microsoft 365 through OAuth 2.0 (XOAUTH2)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -288,6 +288,12 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
 fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {
     let config = load(arg)?;
     let acct = account(&config, email)?;
+    if acct.app_only {
+        return Err(format!(
+            "{} is app_only: it uses the app's client secret, not a refresh token",
+            acct.email
+        ));
+    }
     let client = config.oauth_client(acct)?;
     let token = read_refresh_token()?;
     let store = open_store(&config)?;

@@ -219,3 +219,40 @@ async fn refresh_tokens_survive_twenty_kill_9s_at_random_points() {
         out.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_login_asks_one_consent_for_every_protocol_with_pkce_and_stores_the_newest_token() {
+    let google = FakeGoogle::start().await;
+    let dir = config(&google, &[BOB]);
+    let mut login = cmd::Running::start(&dir.args(&["login", BOB, "--no-browser"]), &[]);
+    let prefix = format!("{}/{TENANT}/oauth2/v2.0/authorize?", google.base_url);
+    let url = login
+        .line_starting_with(&prefix, Duration::from_secs(30))
+        .await;
+    assert!(url.starts_with(&prefix), "the tenant is in the path: {url}");
+    let page = cmd::open(&url).await;
+    assert_eq!(page.status().as_u16(), 200);
+    let out = login.finish(Duration::from_secs(30)).await;
+    assert!(out.ok(), "{out:?}");
+    assert!(out.stdout.contains("for Outlook"), "{}", out.stdout);
+    let asked = &google.authorization_requests()[0];
+    let scopes: Vec<&str> = asked["scope"].split(' ').collect();
+    assert_eq!(
+        scopes,
+        [
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "https://outlook.office.com/POP.AccessAsUser.All",
+            "https://outlook.office.com/SMTP.Send",
+            "offline_access"
+        ]
+    );
+    assert_eq!(asked["code_challenge_method"], "S256");
+    assert_eq!(asked["login_hint"], BOB);
+    // The code exchange and the verifying refresh both rotated: the newest token is stored.
+    assert_eq!(google.successful_refreshes(), 1);
+    let stored = dir.refresh_token(BOB).expect("stored");
+    assert!(google.refresh_token_is_live(&stored));
+    google.set_ms_strict_rotation(true);
+    let check = cmd::run(dir.args(&["check"]), None).await;
+    assert!(check.ok(), "{}", check.stdout);
+}

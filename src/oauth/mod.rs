@@ -368,48 +368,7 @@ impl TokenManager {
         registry: Arc<Registry>,
         status_dir: Option<PathBuf>,
     ) -> Result<TokenManager, String> {
-        let mut tokens = HashMap::new();
-        // App-only accounts of one app in one tenant share one token (and its state).
-        let mut app_tokens: HashMap<(String, String), Arc<AccountTokens>> = HashMap::new();
-        for a in &config.accounts {
-            let (source, email) = match &a.service_account_key {
-                Some(path) => (
-                    Source::ServiceAccount {
-                        path: path.clone(),
-                        key: Mutex::new(ServiceAccount::load(path).map(Arc::new)),
-                        scope: config.google.scope.clone(),
-                        token_url: config.google.token_url.clone(),
-                    },
-                    a.email.clone(),
-                ),
-                None if a.app_only => {
-                    let client = config.oauth_client(a);
-                    let shared_by = client
-                        .as_ref()
-                        .map(|c| (c.token_url.clone(), c.client_id.clone()))
-                        .ok();
-                    if let Some(acct) = shared_by.as_ref().and_then(|k| app_tokens.get(k)) {
-                        tokens.insert(a.key(), acct.clone());
-                        continue;
-                    }
-                    let acct = AccountTokens::new(
-                        a,
-                        Source::ClientCredentials(client),
-                        format!("app-only ({})", config.microsoft.tenant),
-                    );
-                    if let Some(k) = shared_by {
-                        app_tokens.insert(k, acct.clone());
-                    }
-                    tokens.insert(a.key(), acct);
-                    continue;
-                }
-                None => (
-                    Source::RefreshToken(config.oauth_client(a)),
-                    a.email.clone(),
-                ),
-            };
-            tokens.insert(a.key(), AccountTokens::new(a, source, email));
-        }
+        let tokens = account_tokens(config);
         Ok(TokenManager {
             shared: Arc::new(Shared {
                 http: token_endpoint::http_client()?,
@@ -969,6 +928,54 @@ impl AccountTokens {
         schedule.not_before = Some(now + BACKGROUND_RETRY);
         Ok(token)
     }
+}
+
+/// Each configured account's token state; app-only accounts of one app in one tenant share
+/// one token (and its state).
+fn account_tokens(config: &Config) -> HashMap<AccountKey, Arc<AccountTokens>> {
+    let mut tokens = HashMap::new();
+    // App-only accounts of one app in one tenant share one token (and its state).
+    let mut app_tokens: HashMap<(String, String), Arc<AccountTokens>> = HashMap::new();
+    for a in &config.accounts {
+        let (source, email) = match &a.service_account_key {
+            Some(path) => (
+                Source::ServiceAccount {
+                    path: path.clone(),
+                    key: Mutex::new(ServiceAccount::load(path).map(Arc::new)),
+                    scope: config.google.scope.clone(),
+                    token_url: config.google.token_url.clone(),
+                },
+                a.email.clone(),
+            ),
+            None if a.app_only => {
+                let client = config.oauth_client(a);
+                let shared_by = client
+                    .as_ref()
+                    .map(|c| (c.token_url.clone(), c.client_id.clone()))
+                    .ok();
+                if let Some(acct) = shared_by.as_ref().and_then(|k| app_tokens.get(k)) {
+                    tokens.insert(a.key(), acct.clone());
+                    continue;
+                }
+                let acct = AccountTokens::new(
+                    a,
+                    Source::ClientCredentials(client),
+                    format!("app-only ({})", config.microsoft.tenant),
+                );
+                if let Some(k) = shared_by {
+                    app_tokens.insert(k, acct.clone());
+                }
+                tokens.insert(a.key(), acct);
+                continue;
+            }
+            None => (
+                Source::RefreshToken(config.oauth_client(a)),
+                a.email.clone(),
+            ),
+        };
+        tokens.insert(a.key(), AccountTokens::new(a, source, email));
+    }
+    tokens
 }
 
 /// The grant must carry the mail scope, or logins would fail upstream with a token that

@@ -16,7 +16,7 @@ use super::upstream::Upstream;
 use super::{splice, Conn};
 use crate::config::{AccountConfig, LocalTls};
 use crate::oauth::AccessToken;
-use crate::protocol::{ClientAction, ClientSession};
+use crate::protocol::{ClientAction, ClientSession, Credentials};
 
 /// What a protocol adds to the shared driver.
 pub(crate) trait Dialect: Send {
@@ -121,14 +121,8 @@ async fn log_in<D: Dialect>(
                         .registry
                         .lookup(&credentials.username)
                         .map_or_else(crate::provider::default_provider, |a| a.provider);
-                    let result = async {
-                        let (account, token) = login::authorize(conn, &credentials).await?;
-                        let limit = conn.app.config.limits.upstream_timeout;
-                        conn.app.backoff.honour(&account.key(), limit).await?;
-                        let up = dialect.login(conn, &session, account, token).await?;
-                        Ok::<_, Failure>((account.email.clone(), up))
-                    };
-                    let result = timeout_at(deadline, result).await;
+                    let attempt = attempt(&dialect, conn, &session, &credentials);
+                    let result = timeout_at(deadline, attempt).await;
                     if let Ok(outcome) = &result {
                         let failure = outcome.as_ref().err();
                         let protocol = conn.ctx.config.protocol;
@@ -158,6 +152,20 @@ async fn log_in<D: Dialect>(
             Err(_) => return timed_out::<D, _>(&mut client).await,
         }
     }
+}
+
+/// One login: the local password, a token, any pause upstream asked for, the upstream login.
+async fn attempt<D: Dialect>(
+    dialect: &D,
+    conn: &Conn,
+    session: &D::Session,
+    credentials: &Credentials,
+) -> Result<(String, Upstream), Failure> {
+    let (account, token) = login::authorize(conn, credentials).await?;
+    let limit = conn.app.config.limits.upstream_timeout;
+    conn.app.backoff.honour(&account.key(), limit).await?;
+    let up = dialect.login(conn, session, account, token).await?;
+    Ok((account.email.clone(), up))
 }
 
 /// The pre-auth deadline passed: say so (briefly) and close.
