@@ -68,7 +68,7 @@ impl Default for Pkce {
 pub struct Attempt {
     pub email: String,
     pub client: OAuthClient,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (Microsoft: `http://localhost:PORT`)
     pub redirect_uri: String,
     pub state: String,
     pub pkce: Pkce,
@@ -78,8 +78,8 @@ impl Attempt {
     pub fn new(email: &str, client: OAuthClient, port: u16) -> Attempt {
         Attempt {
             email: email.to_string(),
+            redirect_uri: format!("http://{}:{port}", client.provider.loopback_host()),
             client,
-            redirect_uri: format!("http://127.0.0.1:{port}"),
             state: random_token(32),
             pkce: Pkce::new(),
         }
@@ -454,7 +454,7 @@ fn parse_pasted(attempt: &Attempt, line: &str) -> Pasted {
             match evaluate(&attempt.judge(), &params) {
                 Some(decided) => Pasted::Decided(decided),
                 None => Pasted::Unusable(
-                    "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with http://127.0.0.1:)".into(),
+                    "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with the redirect address this login printed)".into(),
                 ),
             }
         }

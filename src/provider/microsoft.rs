@@ -98,6 +98,12 @@ impl Provider for Microsoft {
         &[("prompt", "select_account")]
     }
 
+    fn loopback_host(&self) -> &'static str {
+        // Entra ignores the port of a registered http://localhost, but 127.0.0.1 would have
+        // to be registered on its own (through the manifest).
+        "localhost"
+    }
+
     fn scope_on_refresh(&self) -> bool {
         // The v2.0 endpoint wants the scopes again on every refresh.
         true

@@ -106,6 +106,11 @@ pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
     fn scope_on_refresh(&self) -> bool {
         false
     }
+    /// The host of `login`'s loopback redirect address (the listener is on 127.0.0.1 either
+    /// way): what the provider matches against the registered redirect.
+    fn loopback_host(&self) -> &'static str {
+        "127.0.0.1"
+    }
     /// How to register an OAuth client for `login`, for messages.
     fn console_steps(&self) -> &'static str;
     /// Extra parameters of the authorization URL (consent and offline access).
