@@ -249,7 +249,10 @@ async fn browser_login_asks_one_consent_for_every_protocol_with_pkce_and_stores_
     assert_eq!(asked["code_challenge_method"], "S256");
     assert_eq!(asked["login_hint"], BOB);
     // Entra matches a registered http://localhost on any port (127.0.0.1 would need its own).
-    assert!(asked["redirect_uri"].starts_with("http://localhost:"), "{asked:?}");
+    assert!(
+        asked["redirect_uri"].starts_with("http://localhost:"),
+        "{asked:?}"
+    );
     // The code exchange and the verifying refresh both rotated: the newest token is stored.
     assert_eq!(google.successful_refreshes(), 1);
     let stored = dir.refresh_token(BOB).expect("stored");
