@@ -1022,6 +1022,12 @@ email = "Alice@Gmail.com"
         let client = c.oauth_client(bob).unwrap();
         assert_eq!(client.client_id, "app");
         assert_eq!(client.scope, "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/POP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access");
+        // protocol-facts §7.4: the shared mailbox in user=, the delegate's token.
+        let token = Secret::new("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA");
+        assert_eq!(
+            crate::protocol::sasl::xoauth2(bob.login_user(), &token).expose(),
+            "dXNlcj1zaGFyZWRAY29udG9zby5jb20BYXV0aD1CZWFyZXIgRXdCQUFsM0JBQVVGRnBVQW83SjNWZTBiakxCV1pXQ2NsUkMzRW9BQQEB"
+        );
         assert_eq!(c.accounts[1].provider.id(), "google");
         assert_eq!(c.accounts[1].login_user(), "a@gmail.com");
         let defaults = parse("[providers.microsoft]\nclient_id = \"x\"\n").unwrap();

@@ -259,6 +259,38 @@ async fn app_only_mailboxes_of_a_tenant_share_one_client_credentials_token() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_shared_app_only_token_is_renewed_before_it_expires_without_a_login() {
+    let w = world().await;
+    w.imap.exchange().grant_mailbox(ROBOT1, APP_PRINCIPAL);
+    w.imap.exchange().grant_mailbox(ROBOT2, APP_PRINCIPAL);
+    w.google.set_expires_in(4);
+    w.proxy
+        .app
+        .tokens
+        .set_min_background_age(Duration::from_millis(500));
+    assert_eq!(
+        imap_login(&w, ROBOT1).await,
+        "a1 OK AUTHENTICATE completed."
+    );
+    assert_eq!(w.google.ms_tenants().len(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while w.google.ms_tenants().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not renewed in the background"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.google.set_expires_in(3599);
+    let renewals = w.google.ms_tenants().len();
+    assert_eq!(
+        imap_login(&w, ROBOT2).await,
+        "a1 OK AUTHENTICATE completed."
+    );
+    assert!(w.google.ms_tenants().len() <= renewals + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn aadsts_refusals_reach_the_client_in_their_class_with_the_fix() {
     let w = world().await;
     w.google.set_ms_refusal(Some((
