@@ -267,11 +267,7 @@ fn serve(arg: &ConfigArg) -> Result<(), String> {
                     let app = app.clone();
                     Box::new(move |account| app.config.oauth_client(account))
                 },
-                consent_origins: [&app.config.google.auth_url, &app.config.microsoft.auth_url]
-                    .into_iter()
-                    .filter_map(|u| url::Url::parse(u).ok())
-                    .map(|u| u.origin().ascii_serialization())
-                    .collect(),
+                consent_origins: consent_origins(&app.config),
             };
             tokio::spawn(xoauth2_proxy::admin::serve(
                 admin,
@@ -479,6 +475,24 @@ fn cert(arg: &ConfigArg) -> Result<(), String> {
         tls.key.display()
     );
     Ok(())
+}
+
+/// The origins of the consent pages the status page's forms may lead to: each provider's
+/// that a configured account uses.
+fn consent_origins(config: &Config) -> Vec<String> {
+    let mut origins = vec![&config.google.auth_url];
+    if config
+        .accounts
+        .iter()
+        .any(|a| a.provider.id() == "microsoft")
+    {
+        origins.push(&config.microsoft.auth_url);
+    }
+    origins
+        .into_iter()
+        .filter_map(|u| url::Url::parse(u).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .collect()
 }
 
 /// The `accounts` report of the running proxy, for the status page.

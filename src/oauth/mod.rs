@@ -934,7 +934,6 @@ impl AccountTokens {
 /// one token (and its state).
 fn account_tokens(config: &Config) -> HashMap<AccountKey, Arc<AccountTokens>> {
     let mut tokens = HashMap::new();
-    // App-only accounts of one app in one tenant share one token (and its state).
     let mut app_tokens: HashMap<(String, String), Arc<AccountTokens>> = HashMap::new();
     for a in &config.accounts {
         let (source, email) = match &a.service_account_key {
