@@ -72,13 +72,33 @@ pub async fn run(path: &Path) -> (usize, usize) {
         check_accounts(&config, store, &mut report).await;
     }
     for l in &config.listeners {
-        let name = format!(
-            "listener {} {} -> {}",
-            l.protocol.name(),
-            l.bind,
-            l.upstream()
-        );
-        match tokio::time::timeout(UPSTREAM_WAIT + Duration::from_secs(1), probe(l)).await {
+        for target in targets(&config, l) {
+            check_listener(l, &target, &mut report).await;
+        }
+    }
+    report.counts()
+}
+
+/// Every upstream a listener's logins may go to: its `upstream`, or each provider's host
+/// its accounts use.
+fn targets(config: &Config, l: &ListenerConfig) -> Vec<upstream::Target> {
+    let mut targets = vec![];
+    for a in config.accounts.iter().filter(|_| l.upstream_routed) {
+        let t = upstream::target_for(l, Some(a));
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
+    if targets.is_empty() {
+        targets.push(upstream::target_for(l, None));
+    }
+    targets
+}
+
+async fn check_listener(l: &ListenerConfig, target: &upstream::Target, report: &mut Report) {
+    {
+        let name = format!("listener {} {} -> {target}", l.protocol.name(), l.bind);
+        match tokio::time::timeout(UPSTREAM_WAIT + Duration::from_secs(1), probe(l, target)).await {
             Ok(Ok(greeting)) => report.ok(&name, greeting),
             Ok(Err(e)) => report.fail(&name, e),
             Err(_) => report.fail(
@@ -90,7 +110,6 @@ pub async fn run(path: &Path) -> (usize, usize) {
             ),
         }
     }
-    report.counts()
 }
 
 async fn check_accounts(config: &Config, store: Store, report: &mut Report) {
@@ -115,6 +134,8 @@ async fn check_accounts(config: &Config, store: Store, report: &mut Report) {
                     .unwrap_or_default();
                 let how = if a.service_account_key.is_some() {
                     "service account"
+                } else if a.app_only {
+                    "app's client credentials"
                 } else {
                     "refresh token"
                 };
@@ -163,7 +184,7 @@ impl Report {
 
 /// Reach the listener's upstream with the connection code and protocol machines `serve` uses,
 /// up to where a login would begin (TLS or STARTTLS included), and say what it answered.
-async fn probe(l: &ListenerConfig) -> Result<String, String> {
+async fn probe(l: &ListenerConfig, target: &upstream::Target) -> Result<String, String> {
     let upstream_tls = xoauth2_proxy::tls::client_config(l.upstream_ca.as_deref())?;
     let ctx = ListenerCtx {
         config: l.clone(),
@@ -172,7 +193,7 @@ async fn probe(l: &ListenerConfig) -> Result<String, String> {
         upstream_capabilities: KnownCapabilities::default(),
     };
     let deadline = Instant::now() + UPSTREAM_WAIT;
-    let starttls = l.upstream_tls == UpstreamTls::Starttls;
+    let starttls = target.tls == UpstreamTls::Starttls;
     let how = if starttls { "STARTTLS" } else { "TLS" };
     let failed = |f: Failure| match f {
         Failure::Temporary { detail } => {
@@ -180,15 +201,17 @@ async fn probe(l: &ListenerConfig) -> Result<String, String> {
         }
         other => format!("{other:?}"),
     };
-    let stream = upstream::connect(&ctx, deadline).await.map_err(failed)?;
+    let stream = upstream::connect(&ctx, target, deadline)
+        .await
+        .map_err(failed)?;
     let (mut stream, outcome) = match l.protocol {
         Protocol::Imap => {
             let mut m = imap::UpstreamLogin::probe(starttls);
-            upstream::exchange(&ctx, stream, &mut m, deadline).await
+            upstream::exchange(&ctx, target, stream, &mut m, deadline).await
         }
         Protocol::Smtp => {
             let mut m = smtp::UpstreamHello::new("localhost", starttls, true);
-            upstream::exchange(&ctx, stream, &mut m, deadline).await
+            upstream::exchange(&ctx, target, stream, &mut m, deadline).await
         }
         Protocol::Pop3 => {
             let mut m = pop3::UpstreamPop::new(
@@ -197,7 +220,7 @@ async fn probe(l: &ListenerConfig) -> Result<String, String> {
                 starttls,
                 true,
             );
-            upstream::exchange(&ctx, stream, &mut m, deadline).await
+            upstream::exchange(&ctx, target, stream, &mut m, deadline).await
         }
     }
     .map_err(failed)?;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::account::AccountKey;
 pub use crate::protocol::Protocol;
-use crate::provider::{self, google, Provider};
+use crate::provider::{self, google, microsoft, Provider};
 use crate::secret::Secret;
 
 pub const GOOGLE_AUTH_URL: &str = google::AUTH_URL;
@@ -166,6 +166,18 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawProviders {
     google: Option<RawGoogle>,
+    microsoft: Option<RawMicrosoft>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMicrosoft {
+    client_id: Option<String>,
+    client_secret: Option<Secret>,
+    tenant: Option<String>,
+    auth_url: Option<String>,
+    token_url: Option<String>,
+    device_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -185,6 +197,10 @@ struct RawAccount {
     client_id: Option<String>,
     client_secret: Option<Secret>,
     service_account_key: Option<PathBuf>,
+    provider: Option<String>,
+    #[serde(default)]
+    app_only: bool,
+    mailbox: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -208,6 +224,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<ListenerConfig>,
     pub google: GoogleConfig,
+    pub microsoft: MicrosoftConfig,
     pub accounts: Vec<AccountConfig>,
     pub limits: Limits,
     /// Off when `[admin]` is absent.
@@ -241,6 +258,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
     /// The only peers whose PROXY headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// No `upstream` was given: each login goes to its account's provider's host (the
+    /// `upstream_*` fields then name the default provider's, for messages).
+    pub upstream_routed: bool,
 }
 
 impl ListenerConfig {
@@ -258,6 +278,17 @@ pub struct GoogleConfig {
     pub scope: String,
 }
 
+/// `[providers.microsoft]`, with `{tenant}` already put into the endpoints.
+#[derive(Debug, Clone)]
+pub struct MicrosoftConfig {
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub tenant: String,
+    pub auth_url: String,
+    pub token_url: String,
+    pub device_url: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct AccountConfig {
     /// As written in the config; compare with `key()`.
@@ -267,12 +298,23 @@ pub struct AccountConfig {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub service_account_key: Option<PathBuf>,
+    /// Whose account this is (`provider = "microsoft"`; default Google).
+    pub provider: &'static dyn Provider,
+    /// Microsoft client credentials: no user, no refresh token (`app_only = true`).
+    pub app_only: bool,
+    /// Log in upstream as this mailbox with the account's token (a shared mailbox).
+    pub mailbox: Option<String>,
 }
 
 impl AccountConfig {
     /// The case-insensitive identity used for lookups and in the store.
     pub fn key(&self) -> AccountKey {
         self.key.clone()
+    }
+
+    /// The mailbox upstream logs in as: XOAUTH2's `user=`.
+    pub fn login_user(&self) -> &str {
+        self.mailbox.as_deref().unwrap_or(&self.email)
     }
 }
 
@@ -366,8 +408,9 @@ impl Config {
             store: store(&raw.store, &cx)?,
             listeners: listeners(&raw.listener, tls.is_some(), &cx)?,
             tls,
+            accounts: accounts(&raw.account, &raw.providers, &cx)?,
             google: google(raw.providers.google.unwrap_or_default(), &cx)?,
-            accounts: accounts(&raw.account, &cx)?,
+            microsoft: microsoft(raw.providers.microsoft.unwrap_or_default(), &cx)?,
             limits: limits(&raw.limits, &cx)?,
             admin: raw
                 .admin
@@ -383,8 +426,11 @@ impl Config {
         self.accounts.iter().find(|a| a.key() == key)
     }
 
-    /// The OAuth client an account uses: its own keys, else `[providers.google]`.
+    /// The OAuth client an account uses: its own keys, else its provider's section.
     pub fn oauth_client(&self, account: &AccountConfig) -> Result<OAuthClient, String> {
+        if account.provider.id() == microsoft::Microsoft.id() {
+            return self.microsoft_client(account);
+        }
         let client_id = account
             .client_id
             .clone()
@@ -408,6 +454,55 @@ impl Config {
             scope: self.google.scope.clone(),
         })
     }
+}
+
+impl Config {
+    fn microsoft_client(&self, account: &AccountConfig) -> Result<OAuthClient, String> {
+        let ms = &self.microsoft;
+        let client_id = account
+            .client_id
+            .clone()
+            .or_else(|| ms.client_id.clone())
+            .ok_or_else(|| {
+                format!(
+                    "no OAuth client for {}: set client_id in [providers.microsoft] (an Entra app registration)",
+                    account.email
+                )
+            })?;
+        let scope = if account.app_only {
+            microsoft::APP_ONLY_SCOPE.to_string()
+        } else {
+            microsoft::Microsoft.login_scopes().join(" ")
+        };
+        Ok(OAuthClient {
+            provider: &microsoft::Microsoft,
+            client_id,
+            client_secret: account
+                .client_secret
+                .clone()
+                .or_else(|| ms.client_secret.clone()),
+            auth_url: ms.auth_url.clone(),
+            token_url: ms.token_url.clone(),
+            scope,
+        })
+    }
+
+    /// The device authorization endpoint for an account's provider, if it offers one.
+    pub fn device_url(&self, account: &AccountConfig) -> Option<String> {
+        match account.provider.id() {
+            "microsoft" => Some(self.microsoft.device_url.clone()),
+            _ => account.provider.endpoints().device_url.map(str::to_string),
+        }
+    }
+}
+
+/// Whether a grant's `scope` covers every scope asked for (offline_access is no scope of a
+/// token, so providers do not echo it).
+pub fn scope_covered(wanted: &str, granted: &str) -> bool {
+    wanted
+        .split_whitespace()
+        .filter(|w| *w != microsoft::OFFLINE_SCOPE)
+        .all(|w| granted.split_whitespace().any(|g| g == w))
 }
 
 /// Everything needed to talk to the token endpoint for one account.
@@ -489,6 +584,7 @@ fn listeners(
                     "{which}: local_tls = \"none\" on a non-loopback address would send passwords in clear; use local_tls = \"starttls\" or \"implicit\", or set allow_plaintext_remote = true"
                 )));
         }
+        let upstream_routed = l.upstream.is_none();
         let upstream = l.upstream.clone().unwrap_or_else(|| {
             provider::default_provider()
                 .default_upstream(l.protocol)
@@ -509,6 +605,7 @@ fn listeners(
             upstream_ca: l.upstream_ca.as_deref().map(|p| cx.resolve(p)),
             proxy_protocol: l.proxy_protocol,
             trusted_proxies: trusted_proxies(l, &which, cx)?,
+            upstream_routed,
         });
     }
 
@@ -607,7 +704,97 @@ fn google(g: RawGoogle, cx: &Context) -> Result<GoogleConfig, ConfigError> {
     Ok(google)
 }
 
-fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, ConfigError> {
+fn microsoft(m: RawMicrosoft, cx: &Context) -> Result<MicrosoftConfig, ConfigError> {
+    let tenant = m
+        .tenant
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|| microsoft::DEFAULT_TENANT.to_string());
+    // The tenant goes into URL paths: a GUID, a domain, or common/organizations/consumers.
+    if tenant.is_empty()
+        || !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(cx.invalid(format!(
+            "[providers.microsoft] tenant = {tenant:?} must be common, organizations, consumers, a tenant ID (GUID) or a domain such as contoso.onmicrosoft.com"
+        )));
+    }
+    let endpoint = |given: Option<String>, default: &str| {
+        given
+            .unwrap_or_else(|| default.to_string())
+            .replace("{tenant}", &tenant)
+    };
+    let ms = MicrosoftConfig {
+        client_id: m.client_id.filter(|s| !s.trim().is_empty()),
+        client_secret: m.client_secret.filter(|s| !s.is_empty()),
+        auth_url: endpoint(m.auth_url, microsoft::AUTH_URL),
+        token_url: endpoint(m.token_url, microsoft::TOKEN_URL),
+        device_url: endpoint(m.device_url, microsoft::DEVICE_URL),
+        tenant,
+    };
+    for (key, url) in [
+        ("auth_url", &ms.auth_url),
+        ("token_url", &ms.token_url),
+        ("device_url", &ms.device_url),
+    ] {
+        check_endpoint_url(url)
+            .map_err(|m| cx.invalid(format!("[providers.microsoft] {key} = {url:?}: {m}")))?;
+    }
+    Ok(ms)
+}
+
+/// An account's `provider`, `app_only` and `mailbox`, checked against each other.
+fn account_provider(
+    a: &RawAccount,
+    email: &str,
+    providers: &RawProviders,
+    cx: &Context,
+) -> Result<&'static dyn Provider, ConfigError> {
+    let provider = match a.provider.as_deref() {
+        None => provider::default_provider(),
+        Some(name) => provider::by_name(name.trim()).ok_or_else(|| {
+            cx.invalid(format!(
+                "[[account]] {email}: provider = {name:?} is not known; use \"google\" or \"microsoft\""
+            ))
+        })?,
+    };
+    let is_microsoft = provider.id() == microsoft::Microsoft.id();
+    let refuse = |what: &str| Err(cx.invalid(format!("[[account]] {email}: {what}")));
+    if !is_microsoft && (a.app_only || a.mailbox.is_some()) {
+        return refuse(
+            "app_only and mailbox are for Microsoft accounts; add provider = \"microsoft\"",
+        );
+    }
+    if is_microsoft && a.service_account_key.is_some() {
+        return refuse("service_account_key is for Google Workspace; a Microsoft account uses app_only = true for client credentials");
+    }
+    if let Some(mailbox) = &a.mailbox {
+        if !is_plausible_email(mailbox.trim()) {
+            return refuse(&format!("mailbox = {mailbox:?} is not an email address"));
+        }
+    }
+    if a.app_only {
+        let ms = providers.microsoft.as_ref();
+        let has_secret = a.client_secret.as_ref().is_some_and(|s| !s.is_empty())
+            || ms
+                .and_then(|m| m.client_secret.as_ref())
+                .is_some_and(|s| !s.is_empty());
+        if !has_secret {
+            return refuse("app_only = true needs a client_secret (in [providers.microsoft] or on the account): client credentials are a confidential client's grant");
+        }
+        let tenant = ms.and_then(|m| m.tenant.as_deref()).unwrap_or("common");
+        if ["common", "organizations", "consumers"].contains(&tenant.trim()) {
+            return refuse(&format!("app_only = true needs [providers.microsoft] tenant set to the tenant ID or domain, not {tenant:?}: client credentials are issued by one tenant"));
+        }
+    }
+    Ok(provider)
+}
+
+fn accounts(
+    raw: &[RawAccount],
+    providers: &RawProviders,
+    cx: &Context,
+) -> Result<Vec<AccountConfig>, ConfigError> {
     let mut accounts = Vec::new();
     let mut emails = HashSet::new();
     for a in raw {
@@ -621,12 +808,16 @@ fn accounts(raw: &[RawAccount], cx: &Context) -> Result<Vec<AccountConfig>, Conf
         if !emails.insert(AccountKey::new(&email)) {
             return Err(cx.invalid(format!("[[account]] {email} is listed twice")));
         }
+        let provider = account_provider(a, &email, providers, cx)?;
         accounts.push(AccountConfig {
             key: AccountKey::new(&email),
             email,
             client_id: a.client_id.clone().filter(|s| !s.trim().is_empty()),
             client_secret: a.client_secret.clone().filter(|s| !s.is_empty()),
             service_account_key: a.service_account_key.as_deref().map(|p| cx.resolve(p)),
+            provider,
+            app_only: a.app_only,
+            mailbox: a.mailbox.as_deref().map(|m| m.trim().to_string()),
         });
     }
 
@@ -960,6 +1151,68 @@ email = "Alice@Gmail.com"
             .unwrap_err()
             .to_string()
             .contains("already binds"));
+    }
+
+    #[test]
+    fn microsoft_endpoints_carry_the_tenant_and_one_consent_covers_every_protocol() {
+        let c = parse("state_dir = \"s\"\n[providers.microsoft]\nclient_id = \"app\"\ntenant = \"contoso.onmicrosoft.com\"\n[[account]]\nemail = \"bob@contoso.com\"\nprovider = \"microsoft\"\nmailbox = \"shared@contoso.com\"\n[[account]]\nemail = \"a@gmail.com\"\n").unwrap();
+        assert_eq!(
+            c.microsoft.token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        let bob = &c.accounts[0];
+        assert_eq!(bob.provider.id(), "microsoft");
+        assert_eq!(bob.login_user(), "shared@contoso.com");
+        let client = c.oauth_client(bob).unwrap();
+        assert_eq!(client.client_id, "app");
+        assert_eq!(client.scope, "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/POP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access");
+        // protocol-facts §7.4: the shared mailbox in user=, the delegate's token.
+        let token = Secret::new("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA");
+        assert_eq!(
+            crate::protocol::sasl::xoauth2(bob.login_user(), &token).expose(),
+            "dXNlcj1zaGFyZWRAY29udG9zby5jb20BYXV0aD1CZWFyZXIgRXdCQUFsM0JBQVVGRnBVQW83SjNWZTBiakxCV1pXQ2NsUkMzRW9BQQEB"
+        );
+        assert_eq!(c.accounts[1].provider.id(), "google");
+        assert_eq!(c.accounts[1].login_user(), "a@gmail.com");
+        let defaults = parse("[providers.microsoft]\nclient_id = \"x\"\n").unwrap();
+        assert!(defaults
+            .microsoft
+            .auth_url
+            .contains("/common/oauth2/v2.0/authorize"));
+    }
+
+    #[test]
+    fn microsoft_account_settings_that_cannot_work_are_refused_in_words() {
+        let account = |extra: &str| {
+            parse(&format!("[providers.microsoft]\nclient_id = \"x\"\n[[account]]\nemail = \"b@contoso.com\"\n{extra}"))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(account("provider = \"yahoo\"\n").contains("provider = \"yahoo\" is not known"));
+        assert!(account("app_only = true\n").contains("Microsoft accounts"));
+        assert!(account("mailbox = \"s@contoso.com\"\n").contains("Microsoft accounts"));
+        assert!(account("provider = \"microsoft\"\napp_only = true\n")
+            .contains("needs a client_secret"));
+        assert!(
+            account("provider = \"microsoft\"\napp_only = true\nclient_secret = \"s\"\n")
+                .contains("tenant")
+        );
+        assert!(account("provider = \"microsoft\"\nmailbox = \"nope\"\n")
+            .contains("not an email address"));
+        assert!(
+            account("provider = \"microsoft\"\nservice_account_key = \"k.json\"\n")
+                .contains("app_only")
+        );
+        let bad_tenant = parse("[providers.microsoft]\ntenant = \"a/b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(bad_tenant.contains("tenant"), "{bad_tenant}");
+        let http = parse("[providers.microsoft]\ntoken_url = \"http://example.com/{tenant}/t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(http.contains("loopback"), "{http}");
+        assert!(parse("[providers.microsoft]\nclient_secret = \"s\"\ntenant = \"contoso.com\"\n[[account]]\nemail = \"b@contoso.com\"\nprovider = \"microsoft\"\napp_only = true\n").is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use xoauth2_proxy::clock::{format_age, format_time, now_unix};
 use xoauth2_proxy::config::{self, Config, LocalTls};
-use xoauth2_proxy::oauth::flow;
+use xoauth2_proxy::oauth::{device, flow};
 use xoauth2_proxy::registry;
 use xoauth2_proxy::report;
 use xoauth2_proxy::secret::Secret;
@@ -21,7 +21,7 @@ use xoauth2_proxy::store::Store;
 #[command(
     name = "xoauth2-proxy",
     version,
-    about = "Lets password-only mail clients use Gmail through OAuth 2.0 (XOAUTH2)"
+    about = "Lets password-only mail clients use Gmail and Microsoft 365 through OAuth 2.0 (XOAUTH2)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,8 +42,8 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Authorize a Google account in a browser (authorization code + PKCE, loopback redirect)
-    /// and store its refresh token
+    /// Authorize an account in a browser (authorization code + PKCE, loopback redirect), or
+    /// with a code typed on another device (--device), and store its refresh token
     Login {
         email: String,
         #[command(flatten)]
@@ -54,6 +54,9 @@ enum Command {
         /// Give up after this many seconds without an answer
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         timeout: u64,
+        /// Sign in on any device with a short code (RFC 8628 device grant; Microsoft only)
+        #[arg(long)]
+        device: bool,
     },
     /// Store a refresh token obtained elsewhere, after checking it with one refresh
     Import {
@@ -220,7 +223,18 @@ fn run(cli: Cli) -> Result<(), String> {
             config,
             no_browser,
             timeout,
-        } => login_command(&config, &email, !no_browser, timeout),
+            device,
+        } => {
+            let how = if device {
+                How::Device
+            } else {
+                How::Browser {
+                    open: !no_browser,
+                    timeout: Duration::from_secs(timeout.max(1)),
+                }
+            };
+            login_command(&config, &email, how)
+        }
         Command::Accounts { config, json } => accounts_command(&config, json),
         Command::Check { config } => check_command(&config),
         Command::Password { command } => match command {
@@ -441,9 +455,7 @@ fn admin_views(
             let app = current(server);
             Box::new(move |account| app().config.oauth_client(account))
         },
-        consent_origins: url::Url::parse(&app.config.google.auth_url)
-            .map(|u| vec![u.origin().ascii_serialization()])
-            .unwrap_or_default(),
+        consent_origins: consent_origins(&app.config),
         activity: app.activity.clone(),
         login: admin_login(&app),
     }
@@ -467,6 +479,12 @@ fn admin_login(
 fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {
     let config = load(arg)?;
     let acct = account(&config, email)?;
+    if acct.app_only {
+        return Err(format!(
+            "{} is app_only: it uses the app's client secret, not a refresh token",
+            acct.email
+        ));
+    }
     let client = config.oauth_client(acct)?;
     let token = read_refresh_token()?;
     let store = open_store(&config)?;
@@ -475,11 +493,17 @@ fn import(arg: &ConfigArg, email: &str) -> Result<(), String> {
             .await
             .map_err(|e| format!("refresh token for {} not stored: {e}", acct.email))?;
         let stored = granted.refresh_token.as_ref().unwrap_or(&token);
-        registry::save_grant(&store, &acct.key(), stored, granted.refresh_token_expires_in)
-            .map_err(|e| e.to_string())?;
+        registry::save_grant(
+            &store,
+            &acct.key(),
+            stored,
+            granted.refresh_token_expires_in,
+        )
+        .map_err(|e| e.to_string())?;
         println!(
-            "Stored the refresh token for {} (checked: Google issued an access token valid for {} s).",
+            "Stored the refresh token for {} (checked: {} issued an access token valid for {} s).",
             acct.email,
+            acct.provider.words().provider,
             granted.expires_in.as_secs()
         );
         Ok(())
@@ -501,9 +525,31 @@ fn read_refresh_token() -> Result<Secret, String> {
     Ok(token)
 }
 
-fn login_command(arg: &ConfigArg, email: &str, open: bool, timeout: u64) -> Result<(), String> {
+/// How `login` gets the user's consent.
+enum How {
+    /// The loopback redirect (or a pasted address), opening a browser if `open`.
+    Browser { open: bool, timeout: Duration },
+    /// The device grant: a code typed on any device.
+    Device,
+}
+
+fn login_command(arg: &ConfigArg, email: &str, how: How) -> Result<(), String> {
     let config = load(arg)?;
     let acct = account(&config, email)?;
+    if acct.app_only {
+        return Err(format!(
+            "{} is app_only: the proxy gets its tokens with the app's client secret and needs no login; `xoauth2-proxy check{}` shows whether it works",
+            acct.email,
+            config_hint(arg, &config)
+        ));
+    }
+    if matches!(how, How::Device) && acct.provider.id() == "google" {
+        return Err(format!(
+            "Google does not allow the Gmail scope on the device flow (it answers invalid_scope); run `xoauth2-proxy login {}{} --no-browser` instead: open the printed address on any device and paste back the address the browser ends at",
+            acct.email,
+            config_hint(arg, &config)
+        ));
+    }
     if let Some(key) = &acct.service_account_key {
         return Err(format!(
             "{} uses a service account key ({}), which needs no login; `xoauth2-proxy check{}` shows whether it works",
@@ -514,17 +560,21 @@ fn login_command(arg: &ConfigArg, email: &str, open: bool, timeout: u64) -> Resu
     }
     let client = config
         .oauth_client(acct)
-        .map_err(|e| format!("{e}. To make one: {}", flow_console_steps()))?;
+        .map_err(|e| format!("{e}. To make one: {}", acct.provider.console_steps()))?;
     let store = open_store(&config)?;
-    runtime()?.block_on(login(
-        &config,
-        arg,
+    let login = Login {
+        config: &config,
+        config_arg: arg,
         acct,
         client,
-        &store,
-        open,
-        Duration::from_secs(timeout.max(1)),
-    ))
+        store: &store,
+    };
+    runtime()?.block_on(async {
+        match how {
+            How::Browser { open, timeout } => login.browser(open, timeout).await,
+            How::Device => login.device().await,
+        }
+    })
 }
 
 fn accounts_command(arg: &ConfigArg, json: bool) -> Result<(), String> {
@@ -622,6 +672,24 @@ fn cert(arg: &ConfigArg) -> Result<(), String> {
     Ok(())
 }
 
+/// The origins of the consent pages the status page's forms may lead to: each provider's
+/// that a configured account uses.
+fn consent_origins(config: &Config) -> Vec<String> {
+    let mut origins = vec![&config.google.auth_url];
+    if config
+        .accounts
+        .iter()
+        .any(|a| a.provider.id() == "microsoft")
+    {
+        origins.push(&config.microsoft.auth_url);
+    }
+    origins
+        .into_iter()
+        .filter_map(|u| url::Url::parse(u).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .collect()
+}
+
 /// The `accounts` report of the running proxy, for the status page.
 fn account_rows(app: &xoauth2_proxy::proxy::App) -> Vec<report::AccountReport> {
     let data = app.registry.current().unwrap_or_default();
@@ -666,88 +734,155 @@ fn config_hint(arg: &ConfigArg, config: &Config) -> String {
     }
 }
 
-fn flow_console_steps() -> &'static str {
-    "in Google Cloud console create a project; under Google Auth Platform set Branding, Audience (External, and add the account under Test users, or publish the app), Data Access (add https://mail.google.com/), then Clients > Create client > Desktop app; put its client_id and client_secret in [providers.google]"
+/// One `login` run: the account, its OAuth client, and where the grant goes.
+struct Login<'a> {
+    config: &'a Config,
+    config_arg: &'a ConfigArg,
+    acct: &'a config::AccountConfig,
+    client: config::OAuthClient,
+    store: &'a Store,
 }
 
-async fn login(
-    config: &Config,
-    config_arg: &ConfigArg,
-    acct: &config::AccountConfig,
-    client: config::OAuthClient,
-    store: &Store,
-    open: bool,
-    timeout: Duration,
-) -> Result<(), String> {
-    let listener = flow::bind_loopback()
-        .await
-        .map_err(|e| format!("cannot listen on 127.0.0.1 for Google's redirect: {e}"))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| format!("cannot listen on 127.0.0.1 for Google's redirect: {e}"))?
-        .port();
-    let attempt = flow::Attempt::new(&acct.email, client, port);
-    let url = attempt.authorization_url()?;
-    println!(
-        "To authorize {} for Gmail, open this address in a browser, sign in as {} and allow access:\n",
-        acct.email, acct.email
-    );
-    println!("{url}\n");
-    if open {
-        match open_browser(&url) {
-            Ok(how) => println!("(Asked {how} to open it.)"),
-            Err(why) => println!("(No browser opened here: {why}.)"),
-        }
+impl Login<'_> {
+    fn who(&self) -> &'static str {
+        self.acct.provider.words().provider
     }
-    println!(
-        "Waiting up to {} for Google to send the browser back to {}/ ...",
-        format_age(timeout.as_secs() as i64),
-        attempt.redirect_uri
-    );
-    println!(
-        "No browser on this machine? Open the address on any device. After you allow access, that browser tries to load an {}/ page and fails; copy that page's whole address from the address bar, paste it here and press Enter.",
-        attempt.redirect_uri
-    );
-    let _ = std::io::stdout().flush();
-    let pasted = read_stdin_lines();
-    let notice = |m: &str| {
-        eprintln!("xoauth2-proxy: {m}");
-    };
-    let authorized = flow::complete(&attempt, listener, pasted, timeout, &notice)
-        .await
-        .map_err(|e| e.to_string())?;
-    registry::save_grant(
-        store,
-        &acct.key(),
-        &authorized.refresh_token,
-        authorized.refresh_token_expires_in,
-    )
-    .map_err(|e| {
-        format!(
-            "Google authorized {}, but storing the refresh token failed: {e}",
-            acct.email
-        )
-    })?;
-    let passwords = store
-        .load()
-        .ok()
-        .and_then(|(d, _)| d.account(&acct.key()).map(|a| a.passwords.len()))
-        .unwrap_or(0);
-    println!();
-    println!(
-        "Authorized {}: Google issued a refresh token, checked with one refresh (access token valid for {}), stored in {}.",
-        acct.email,
-        format_age(authorized.access_token_expires_in.as_secs() as i64),
-        store.dir().display()
-    );
-    if let Some(ends) = authorized.refresh_token_expires_in {
+
+    async fn browser(&self, open: bool, timeout: Duration) -> Result<(), String> {
+        let (acct, who) = (self.acct, self.who());
+        let cannot_listen =
+            |e: std::io::Error| format!("cannot listen on 127.0.0.1 for {who}'s redirect: {e}");
+        let listener = flow::bind_loopback().await.map_err(cannot_listen)?;
+        let port = listener.local_addr().map_err(cannot_listen)?.port();
+        let attempt = flow::Attempt::new(&acct.email, self.client.clone(), port);
+        let url = attempt.authorization_url()?;
         println!(
-            "Google says this grant ends in {}; run login again before then.",
-            format_age(ends.as_secs() as i64)
+            "To authorize {} for {}, open this address in a browser, sign in as {} and allow access:\n",
+            acct.email,
+            acct.provider.words().mail,
+            acct.email
         );
+        println!("{url}\n");
+        if open {
+            match open_browser(&url) {
+                Ok(how) => println!("(Asked {how} to open it.)"),
+                Err(why) => println!("(No browser opened here: {why}.)"),
+            }
+        }
+        println!(
+            "Waiting up to {} for {who} to send the browser back to {}/ ...",
+            format_age(timeout.as_secs() as i64),
+            attempt.redirect_uri
+        );
+        println!(
+            "No browser on this machine? Open the address on any device. After you allow access, that browser tries to load an {}/ page and fails; copy that page's whole address from the address bar, paste it here and press Enter.",
+            attempt.redirect_uri
+        );
+        let _ = std::io::stdout().flush();
+        let pasted = read_stdin_lines();
+        let notice = |m: &str| {
+            eprintln!("xoauth2-proxy: {m}");
+        };
+        let authorized = flow::complete(&attempt, listener, pasted, timeout, &notice)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.save(
+            &authorized.refresh_token,
+            authorized.refresh_token_expires_in,
+            authorized.access_token_expires_in,
+        )
     }
-    print!("{}", next_steps(config, config_arg, acct, passwords));
-    Ok(())
+
+    /// RFC 8628: print where to go and the code, poll until the user finishes. Nothing is
+    /// stored before the grant is complete, so an interrupted run leaves the store as it was.
+    async fn device(&self) -> Result<(), String> {
+        let (acct, who, client) = (self.acct, self.who(), &self.client);
+        let device_url = self.config.device_url(acct).ok_or_else(|| {
+            format!(
+                "{who} offers no device sign-in; run `xoauth2-proxy login {}` without --device",
+                acct.email
+            )
+        })?;
+        let http = xoauth2_proxy::oauth::token_endpoint::http_client()?;
+        let scopes: Vec<&str> = client.scope.split_whitespace().collect();
+        let code = device::start(&http, client, &device_url, &scopes)
+            .await
+            .map_err(|e| format!("{who} did not start the device sign-in: {e}"))?;
+        // Listening before the code is shown: an interrupt from then on is answered in words.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
+        println!(
+            "To authorize {} for {}, open {} on any device, enter the code\n\n    {}\n\nand sign in as {}. Waiting up to {} (checking every {} s; Ctrl-C stops, storing nothing) ...",
+            acct.email,
+            acct.provider.words().mail,
+            code.verification_uri,
+            code.user_code,
+            acct.email,
+            format_age(code.expires_in.as_secs() as i64),
+            code.interval.as_secs()
+        );
+        let _ = std::io::stdout().flush();
+        let granted = tokio::select! {
+            r = device::poll(&http, client, &code, tokio::time::sleep) => r.map_err(|e| e.to_string())?,
+            _ = interrupt.recv() => {
+                return Err(format!("interrupted; nothing was stored for {}", acct.email));
+            }
+        };
+        let Some(refresh_token) = granted.refresh_token else {
+            return Err(format!("{who} issued an access token but no refresh token, so access could not be kept: the consent must include offline_access. Nothing was stored"));
+        };
+        if let Some(scope) = granted
+            .scope
+            .as_deref()
+            .filter(|s| !config::scope_covered(&client.scope, s))
+        {
+            return Err(format!("the consent did not include every mail permission ({}; granted: {scope}); {}. Nothing was stored", client.scope, acct.provider.console_steps()));
+        }
+        self.save(
+            &refresh_token,
+            granted.refresh_token_expires_in,
+            granted.expires_in,
+        )
+    }
+
+    fn save(
+        &self,
+        refresh_token: &Secret,
+        ends_in: Option<Duration>,
+        access_token_expires_in: Duration,
+    ) -> Result<(), String> {
+        let (acct, who, store) = (self.acct, self.who(), self.store);
+        registry::save_grant(store, &acct.key(), refresh_token, ends_in).map_err(|e| {
+            format!(
+                "{who} authorized {}, but storing the refresh token failed: {e}",
+                acct.email
+            )
+        })?;
+        let passwords = store
+            .load()
+            .ok()
+            .and_then(|(d, _)| d.account(&acct.key()).map(|a| a.passwords.len()))
+            .unwrap_or(0);
+        println!();
+        println!(
+            "Authorized {}: {who} issued a refresh token (access token valid for {}), stored in {}.",
+            acct.email,
+            format_age(access_token_expires_in.as_secs() as i64),
+            store.dir().display()
+        );
+        if let Some(ends) = ends_in {
+            println!(
+                "{who} says this grant ends in {}; run login again before then.",
+                format_age(ends.as_secs() as i64)
+            );
+        }
+        print!(
+            "{}",
+            next_steps(self.config, self.config_arg, acct, passwords)
+        );
+        Ok(())
+    }
 }
 
 /// What to do after `login`: a password, the client settings, and serve.

@@ -13,6 +13,8 @@ pub enum CredentialKind {
     /// A stored refresh token from `login` or `import`.
     Authorized,
     ServiceAccount,
+    /// Microsoft client credentials: the app's secret, no login.
+    AppOnly,
     /// Nothing yet: `login` is needed.
     Missing,
 }
@@ -22,6 +24,7 @@ impl CredentialKind {
         match self {
             CredentialKind::Authorized => "authorized",
             CredentialKind::ServiceAccount => "service account",
+            CredentialKind::AppOnly => "app-only",
             CredentialKind::Missing => "missing",
         }
     }
@@ -75,6 +78,8 @@ pub fn report(
                     path,
                 ));
                 CredentialKind::ServiceAccount
+            } else if a.app_only {
+                CredentialKind::AppOnly
             } else if secrets.is_some_and(|s| s.refresh_token.is_some()) {
                 CredentialKind::Authorized
             } else {
@@ -104,7 +109,8 @@ pub fn report(
             }
             let obtained = secrets.and_then(|s| s.refresh_token_obtained_at);
             let rt_expires = secrets.and_then(|s| s.refresh_token_expires_at);
-            if credential == CredentialKind::Authorized {
+            // The 7-day and announced-end warnings are about Google's grants.
+            if credential == CredentialKind::Authorized && a.provider.id() == "google" {
                 attention.extend(refresh_token_attention(&a.email, obtained, rt_expires, now));
             }
             let passwords = secrets.map(|s| s.passwords.len()).unwrap_or(0);

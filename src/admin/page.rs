@@ -143,7 +143,7 @@ fn account_row(html: &mut String, row: &AccountReport, sessions: &Sessions, now:
     let button = match row.credential {
         CredentialKind::Missing => Some("Authorize"),
         CredentialKind::Authorized => Some("Re-authorize"),
-        CredentialKind::ServiceAccount => None,
+        CredentialKind::ServiceAccount | CredentialKind::AppOnly => None,
     };
     if let Some(button) = button {
         form(html, "/authorize", csrf, &email);

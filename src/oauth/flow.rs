@@ -1,4 +1,4 @@
-//! `login`: Google's installed-app flow. Authorization code + PKCE (S256) with a random `state`,
+//! `login`: the installed-app flow (Google's and Microsoft's are the same shape). Authorization code + PKCE (S256) with a random `state`,
 //! redirected to a loopback listener on 127.0.0.1 (RFC 8252); a user without a browser on this
 //! machine pastes the address the browser ended at instead. Then the code exchange, the checks
 //! (refresh token present, Gmail scope granted) and one refresh to prove the grant works. The
@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::token_endpoint::{self, GrantError, Granted, Sender};
 use crate::config::OAuthClient;
 use crate::provider::google::CONSOLE_CLIENT;
+use crate::provider::Provider;
 use crate::secret::Secret;
 
 /// Browser requests answered at once; more connections are closed unread, so a local process
@@ -67,7 +68,7 @@ impl Default for Pkce {
 pub struct Attempt {
     pub email: String,
     pub client: OAuthClient,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (Microsoft: `http://localhost:PORT`)
     pub redirect_uri: String,
     pub state: String,
     pub pkce: Pkce,
@@ -77,8 +78,8 @@ impl Attempt {
     pub fn new(email: &str, client: OAuthClient, port: u16) -> Attempt {
         Attempt {
             email: email.to_string(),
+            redirect_uri: format!("http://{}:{port}", client.provider.loopback_host()),
             client,
-            redirect_uri: format!("http://127.0.0.1:{port}"),
             state: random_token(32),
             pkce: Pkce::new(),
         }
@@ -91,7 +92,12 @@ impl Attempt {
         let state = self.state.clone();
         let mut request = oauth
             .authorize_url(move || CsrfToken::new(state))
-            .add_scope(Scope::new(self.client.scope.clone()))
+            .add_scopes(
+                self.client
+                    .scope
+                    .split_whitespace()
+                    .map(|s| Scope::new(s.to_string())),
+            )
             .set_pkce_challenge(challenge)
             .add_extra_param("login_hint", &self.email);
         for (name, value) in self.client.provider.authorization_params() {
@@ -114,6 +120,7 @@ impl Attempt {
         Judge {
             email: self.email.clone(),
             state: self.state.clone(),
+            provider: self.client.provider,
         }
     }
 }
@@ -123,6 +130,7 @@ impl Attempt {
 struct Judge {
     email: String,
     state: String,
+    provider: &'static dyn Provider,
 }
 
 impl Judge {
@@ -130,6 +138,7 @@ impl Judge {
         LoginError {
             email: self.email.clone(),
             kind,
+            provider: self.provider,
         }
     }
 }
@@ -148,6 +157,8 @@ pub struct Authorized {
 pub struct LoginError {
     pub email: String,
     pub kind: ErrorKind,
+    /// Whose consent page and token endpoint answered.
+    pub provider: &'static dyn Provider,
 }
 
 #[derive(Debug)]
@@ -176,6 +187,9 @@ impl std::fmt::Display for LoginError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let email = &self.email;
         let again = format!("xoauth2-proxy login {email}");
+        if self.provider.id() != crate::provider::google::Google.id() {
+            return self.fmt_other(f);
+        }
         match &self.kind {
             ErrorKind::Denied { code, description } => {
                 let said = description
@@ -242,6 +256,50 @@ impl std::fmt::Display for LoginError {
     }
 }
 
+impl LoginError {
+    /// The texts for providers other than Google, whose console steps are its own.
+    fn fmt_other(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let email = &self.email;
+        let again = format!("xoauth2-proxy login {email}");
+        let who = self.provider.words().provider;
+        let steps = self.provider.console_steps();
+        match &self.kind {
+            ErrorKind::Denied { code, description } => {
+                let refusal = crate::provider::Refusal {
+                    status: 400,
+                    code: code.clone(),
+                    description: description.clone(),
+                };
+                let meaning = self.provider.code_refusal(&refusal, "http://localhost");
+                write!(f, "{who} refused the authorization: {meaning}; then run `{again}`")
+            }
+            ErrorKind::StateMismatch => write!(
+                f,
+                "the redirect carries a different state than this login sent: it belongs to another (older) login attempt, or it was forged. Nothing was stored; run `{again}` again and use the newest address"
+            ),
+            ErrorKind::TimedOut(d) => write!(
+                f,
+                "no answer from {who} within {} s; nothing was stored. Run `{again}` again (--timeout SECS gives more time), or `{again} --device` to sign in on another device",
+                d.as_secs()
+            ),
+            ErrorKind::Listen(e) => write!(f, "cannot listen on 127.0.0.1 for {who}'s redirect: {e}"),
+            ErrorKind::Exchange(e) => write!(f, "{who} did not accept the authorization code: {e}"),
+            ErrorKind::NoRefreshToken => write!(
+                f,
+                "{who} issued an access token but no refresh token, so access could not be kept: the consent must include offline_access. Run `{again}` again; if it repeats, {steps}"
+            ),
+            ErrorKind::ScopeMissing { wanted, granted } => write!(
+                f,
+                "the consent did not include every mail permission ({wanted}; granted: {granted}); {steps}, then run `{again}`"
+            ),
+            ErrorKind::Verify(e) => write!(
+                f,
+                "{who} issued a refresh token but refused it on first use: {e}"
+            ),
+        }
+    }
+}
+
 impl std::error::Error for LoginError {}
 
 /// Listen for Google's redirect on 127.0.0.1, on a port the OS picks.
@@ -303,7 +361,7 @@ pub async fn finish(attempt: &Attempt, code: &Secret) -> Result<Authorized, Logi
 fn check_scope(attempt: &Attempt, granted: &Granted) -> Result<(), LoginError> {
     let wanted = &attempt.client.scope;
     match &granted.scope {
-        Some(scope) if !scope.split_whitespace().any(|s| s == wanted) => {
+        Some(scope) if !crate::config::scope_covered(wanted, scope) => {
             Err(attempt.error(ErrorKind::ScopeMissing {
                 wanted: wanted.clone(),
                 granted: scope.clone(),
@@ -406,7 +464,7 @@ fn parse_pasted(attempt: &Attempt, line: &str) -> Pasted {
         Some(Ok(params)) => match evaluate(&attempt.judge(), &params) {
             Some(decided) => Pasted::Decided(decided),
             None => Pasted::Unusable(
-                "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with http://127.0.0.1:)".into(),
+                "that address has no code= in it; paste the address the browser ended at after you allowed access (it starts with the redirect address this login printed)".into(),
             ),
         },
         // A bare code (some users copy just that). Its state cannot be checked, but the user
@@ -541,7 +599,10 @@ fn page(
         None => (
             "404 Not Found",
             "xoauth2-proxy",
-            "This address is xoauth2-proxy's login listener; it waits for Google to send the browser back here.".to_string(),
+            format!(
+                "This address is xoauth2-proxy's login listener; it waits for {} to send the browser back here.",
+                attempt.provider.words().provider
+            ),
         ),
         Some(Ok(_)) => (
             "200 OK",

@@ -289,6 +289,9 @@ impl Drop for Flight {
 enum Source {
     /// A stored refresh token and this OAuth client (or why there is none).
     RefreshToken(Result<OAuthClient, String>),
+    /// Client credentials (Microsoft app-only): no user, no refresh token; one token serves
+    /// every mailbox of the tenant.
+    ClientCredentials(Result<OAuthClient, String>),
     /// A service account key (or why it is unusable: read again at the next attempt, so a
     /// fixed key file needs no restart), with the scope and token endpoint.
     ServiceAccount {
@@ -304,7 +307,8 @@ impl Source {
     /// is still good. Clients compare by everything they print plus the secret they redact.
     fn same_as(&self, other: &Source) -> bool {
         match (self, other) {
-            (Source::RefreshToken(Ok(a)), Source::RefreshToken(Ok(b))) => {
+            (Source::RefreshToken(Ok(a)), Source::RefreshToken(Ok(b)))
+            | (Source::ClientCredentials(Ok(a)), Source::ClientCredentials(Ok(b))) => {
                 format!("{a:?}") == format!("{b:?}")
                     && a.client_secret.as_ref().map(Secret::expose)
                         == b.client_secret.as_ref().map(Secret::expose)
@@ -439,37 +443,7 @@ impl TokenManager {
         status_dir: Option<PathBuf>,
         kept: impl Fn(&AccountKey, &Source) -> Option<Arc<AccountTokens>>,
     ) -> Result<TokenManager, String> {
-        let tokens = config
-            .accounts
-            .iter()
-            .map(|a| {
-                let source = match &a.service_account_key {
-                    Some(path) => Source::ServiceAccount {
-                        path: path.clone(),
-                        key: Mutex::new(ServiceAccount::load(path).map(Arc::new)),
-                        scope: config.google.scope.clone(),
-                        token_url: config.google.token_url.clone(),
-                    },
-                    None => Source::RefreshToken(config.oauth_client(a)),
-                };
-                let tokens = kept(&a.key(), &source).unwrap_or_else(|| {
-                    let slot = Slot {
-                        state: State::Empty,
-                        schedule: Schedule::default(),
-                        last_refresh_at: None,
-                    };
-                    Arc::new(AccountTokens {
-                        key: a.key(),
-                        email: a.email.clone(),
-                        source,
-                        slot: Mutex::new(slot),
-                        requests: Default::default(),
-                        rejected: Mutex::new(None),
-                    })
-                });
-                (a.key(), tokens)
-            })
-            .collect();
+        let tokens = account_tokens(config, kept);
         Ok(TokenManager {
             shared: Arc::new(Shared {
                 http: token_endpoint::http_client()?,
@@ -575,7 +549,9 @@ impl TokenManager {
         let shared = self.shared.clone();
         for acct in shared.tokens.values() {
             let unusable = match &acct.source {
-                Source::RefreshToken(Err(why)) => Some(why.clone()),
+                Source::RefreshToken(Err(why)) | Source::ClientCredentials(Err(why)) => {
+                    Some(why.clone())
+                }
                 Source::ServiceAccount { key, .. } => lock(key).as_ref().err().cloned(),
                 _ => None,
             };
@@ -603,10 +579,31 @@ impl TokenManager {
 }
 
 impl AccountTokens {
+    fn new(
+        account: &crate::config::AccountConfig,
+        source: Source,
+        email: String,
+    ) -> Arc<AccountTokens> {
+        Arc::new(AccountTokens {
+            key: account.key(),
+            email,
+            source,
+            slot: Mutex::new(Slot {
+                state: State::Empty,
+                schedule: Schedule::default(),
+                last_refresh_at: None,
+            }),
+            requests: Default::default(),
+            rejected: Mutex::new(None),
+        })
+    }
+
     /// Whose tokens these are (service accounts are Google's).
     fn provider(&self) -> &'static dyn Provider {
         match &self.source {
-            Source::RefreshToken(Ok(client)) => client.provider,
+            Source::RefreshToken(Ok(client)) | Source::ClientCredentials(Ok(client)) => {
+                client.provider
+            }
             _ => provider::default_provider(),
         }
     }
@@ -670,7 +667,7 @@ impl Shared {
                         retry_after: None,
                     })
             }
-            Source::ServiceAccount { .. } => Ok(None),
+            Source::ServiceAccount { .. } | Source::ClientCredentials(_) => Ok(None),
         }
     }
 
@@ -827,7 +824,9 @@ impl Shared {
                 error: error.clone(),
                 refresh_token,
                 until: match acct.source {
-                    Source::ServiceAccount { .. } => Some(now + SERVICE_ACCOUNT_HOLD),
+                    Source::ServiceAccount { .. } | Source::ClientCredentials(_) => {
+                        Some(now + SERVICE_ACCOUNT_HOLD)
+                    }
                     Source::RefreshToken(_) => None,
                 },
             },
@@ -896,6 +895,11 @@ impl Shared {
                 })
                 .await;
                 Ok((granted, client.scope.as_str()))
+            }
+            Source::ClientCredentials(client) => {
+                let client = client.as_ref().map_err(misconfigured)?;
+                acct.requests.fetch_add(1, Ordering::Relaxed);
+                Ok((client_credentials(&self.http, client).await, ""))
             }
             Source::ServiceAccount {
                 path,
@@ -1008,7 +1012,11 @@ impl Shared {
         let Some(secrets) = data.account(&acct.key) else {
             return;
         };
-        if secrets.refresh_token.is_none() || matches!(acct.source, Source::ServiceAccount { .. }) {
+        let google = acct.provider().id() == provider::default_provider().id();
+        if secrets.refresh_token.is_none()
+            || !matches!(acct.source, Source::RefreshToken(_))
+            || !google
+        {
             return;
         }
         let Some(text) = grant::refresh_token_attention(
@@ -1095,11 +1103,62 @@ impl AccountTokens {
     }
 }
 
+/// Each configured account's token state; app-only accounts of one app in one tenant share
+/// one token (and its state).
+/// `kept` may hand back an existing one for the same key and source (a reload).
+fn account_tokens(
+    config: &Config,
+    kept: impl Fn(&AccountKey, &Source) -> Option<Arc<AccountTokens>>,
+) -> HashMap<AccountKey, Arc<AccountTokens>> {
+    let mut tokens = HashMap::new();
+    let mut app_tokens: HashMap<(String, String), Arc<AccountTokens>> = HashMap::new();
+    for a in &config.accounts {
+        let (source, email) = match &a.service_account_key {
+            Some(path) => (
+                Source::ServiceAccount {
+                    path: path.clone(),
+                    key: Mutex::new(ServiceAccount::load(path).map(Arc::new)),
+                    scope: config.google.scope.clone(),
+                    token_url: config.google.token_url.clone(),
+                },
+                a.email.clone(),
+            ),
+            None if a.app_only => {
+                let client = config.oauth_client(a);
+                let shared_by = client
+                    .as_ref()
+                    .map(|c| (c.token_url.clone(), c.client_id.clone()))
+                    .ok();
+                if let Some(acct) = shared_by.as_ref().and_then(|k| app_tokens.get(k)) {
+                    tokens.insert(a.key(), acct.clone());
+                    continue;
+                }
+                let source = Source::ClientCredentials(client);
+                let acct = kept(&a.key(), &source).unwrap_or_else(|| {
+                    AccountTokens::new(a, source, format!("app-only ({})", config.microsoft.tenant))
+                });
+                if let Some(k) = shared_by {
+                    app_tokens.insert(k, acct.clone());
+                }
+                tokens.insert(a.key(), acct);
+                continue;
+            }
+            None => (
+                Source::RefreshToken(config.oauth_client(a)),
+                a.email.clone(),
+            ),
+        };
+        let acct = kept(&a.key(), &source).unwrap_or_else(|| AccountTokens::new(a, source, email));
+        tokens.insert(a.key(), acct);
+    }
+    tokens
+}
+
 /// The grant must carry the mail scope, or logins would fail upstream with a token that
 /// refreshes fine.
 fn check_scope(email: &str, granted: &Granted, wanted: &str, mail: &str) -> Result<(), TokenError> {
     match &granted.scope {
-        Some(scope) if !scope.split_whitespace().any(|s| s == wanted) => {
+        Some(scope) if !crate::config::scope_covered(wanted, scope) => {
             let error = TokenError::Revoked {
                 email: email.to_string(),
                 detail: format!(
@@ -1146,6 +1205,28 @@ fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The client credentials grant (RFC 6749 §4.4) with the client's scope.
+async fn client_credentials(
+    http: &reqwest::Client,
+    client: &OAuthClient,
+) -> Result<Granted, GrantError> {
+    let Some(secret) = &client.client_secret else {
+        return Err(GrantError::Client(
+            "client credentials need a client_secret".into(),
+        ));
+    };
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", client.client_id.as_str()),
+        ("client_secret", secret.expose()),
+        ("scope", client.scope.as_str()),
+    ];
+    let provider = client.provider;
+    token_endpoint::token_request(http, &client.token_url, &form)
+        .await
+        .map_err(|e| e.into_grant_error(|r| provider.refresh_refusal(r)))
 }
 
 /// `import`: check a refresh token with one refresh; returns the verified grant.

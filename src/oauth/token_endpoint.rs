@@ -222,10 +222,16 @@ pub async fn refresh(
     let oauth = oauth2_client(client).map_err(GrantError::Client)?;
     let sender = Sender::new(http);
     let token = RefreshToken::new(refresh_token.expose().to_string());
-    let sent = oauth
-        .exchange_refresh_token(&token)
-        .request_async(&sender)
-        .await;
+    let mut request = oauth.exchange_refresh_token(&token);
+    if client.provider.scope_on_refresh() {
+        request = request.add_scopes(
+            client
+                .scope
+                .split_whitespace()
+                .map(|s| oauth2::Scope::new(s.to_string())),
+        );
+    }
+    let sent = request.request_async(&sender).await;
     sender
         .outcome(sent)
         .map_err(|e| e.into_grant_error(meaning))

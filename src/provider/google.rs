@@ -74,6 +74,10 @@ impl Provider for Google {
         }
     }
 
+    fn console_steps(&self) -> &'static str {
+        "in Google Cloud console create a project; under Google Auth Platform set Branding, Audience (External, and add the account under Test users, or publish the app), Data Access (add https://mail.google.com/), then Clients > Create client > Desktop app; put its client_id and client_secret in [providers.google]"
+    }
+
     fn revoked_hint(&self, obtained_at: i64, now: i64) -> Option<&'static str> {
         looks_like_testing_expiry(obtained_at, now).then_some(
             "it was issued about 7 days ago, which is when Google ends grants of apps in Testing: publish the app (Google Auth Platform > Audience > Publish app) so new grants last",

@@ -1,14 +1,16 @@
 //! The provider seam: what differs between OAuth mail providers sits behind `Provider`:
 //! endpoints, scopes per protocol, default upstream hosts, and what the provider's refusals
 //! mean with the fix.
-//! Google (google.rs) is the only one today. Another provider is one more file implementing
-//! this trait, a line in `by_name`, and its `[providers.NAME]` section in the config.
+//! Google (google.rs) and Microsoft (microsoft.rs) implement it. Another provider is one more
+//! file implementing this trait, a line in `by_name`, and its `[providers.NAME]` section in the
+//! config.
 
 use std::time::Duration;
 
 pub use crate::protocol::{Protocol, Words};
 
 pub mod google;
+pub mod microsoft;
 
 /// Default OAuth endpoints (the config may override each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,16 @@ impl Refusal {
     }
 }
 
+/// What an upstream server's refusal of a login means beyond the protocol's own classes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamVerdict {
+    /// The server asks to wait this long before the account's next login.
+    Throttled(Duration),
+    /// A server-side setting blocks every login: `reply` is a complete reply line for the
+    /// client, `fix` what an admin must do (for the log).
+    Blocked { reply: String, fix: String },
+}
+
 pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
     /// The config section name: `[providers.google]`.
     fn id(&self) -> &'static str;
@@ -79,12 +91,45 @@ pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
     }
     /// Where a listener without `upstream` connects: `HOST:PORT`.
     fn default_upstream(&self, protocol: Protocol) -> &'static str;
+    /// Where a listener without `upstream` connects for this account (hosts may differ
+    /// between consumer and business accounts).
+    fn default_upstream_for(&self, protocol: Protocol, email: &str) -> &'static str {
+        let _ = email;
+        self.default_upstream(protocol)
+    }
+    /// Whether the default upstream speaks plaintext first and needs STARTTLS.
+    fn default_upstream_starttls(&self, protocol: Protocol) -> bool {
+        let _ = protocol;
+        false
+    }
+    /// Whether a refresh request repeats the scopes (Microsoft's v2.0 endpoint wants them).
+    fn scope_on_refresh(&self) -> bool {
+        false
+    }
+    /// The host of `login`'s loopback redirect address (the listener is on 127.0.0.1 either
+    /// way): what the provider matches against the registered redirect.
+    fn loopback_host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+    /// How to register an OAuth client for `login`, for messages.
+    fn console_steps(&self) -> &'static str;
     /// Extra parameters of the authorization URL (consent and offline access).
     fn authorization_params(&self) -> &'static [(&'static str, &'static str)];
     /// What a refusal of a refresh token means, with the fix.
     fn refresh_refusal(&self, r: &Refusal) -> GrantError;
     /// What a refusal of an authorization code means, with the fix.
     fn code_refusal(&self, r: &Refusal, redirect_uri: &str) -> GrantError;
+    /// What an upstream refusal (`line`, for IMAP the text after the tag) of a login as
+    /// `user` means, when the provider's servers say more than "wrong token".
+    fn upstream_refusal(
+        &self,
+        protocol: Protocol,
+        line: &str,
+        user: &str,
+    ) -> Option<UpstreamVerdict> {
+        let _ = (protocol, line, user);
+        None
+    }
     /// A likely reason a refresh token issued at `obtained_at` (unix seconds) was refused.
     fn revoked_hint(&self, obtained_at: i64, now: i64) -> Option<&'static str> {
         let _ = (obtained_at, now);
@@ -96,6 +141,7 @@ pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
 pub fn by_name(id: &str) -> Option<&'static dyn Provider> {
     match id {
         "google" => Some(&google::Google),
+        "microsoft" => Some(&microsoft::Microsoft),
         _ => None,
     }
 }
@@ -132,7 +178,8 @@ mod tests {
             .describe(google::Google.words())
             .starts_with("Gmail cannot be reached"));
         assert_eq!(by_name("google").map(|p| p.id()), Some("google"));
-        assert!(by_name("microsoft").is_none());
+        assert_eq!(by_name("microsoft").map(|p| p.id()), Some("microsoft"));
+        assert!(by_name("yahoo").is_none());
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Dialect for Imap {
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
         let slot = conn.app.imap_slot(account).await?;
-        let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+        let starttls = conn.ctx.target(Some(account)).tls == UpstreamTls::Starttls;
         let tag = session.login_tag().unwrap_or(FALLBACK_TAG);
         let mut up = upstream::login(conn, account, token, |xo| {
             UpstreamLogin::new(tag, xo, starttls)

@@ -45,6 +45,9 @@ pub struct App {
     pub tokens: TokenManager,
     /// Kept across config reloads, like the IMAP slots: a reload must not forgive guessers.
     pub throttle: Arc<throttle::Throttle>,
+    /// Per account, a pause before the next upstream login that a server asked for; kept
+    /// across reloads.
+    pub backoff: Arc<upstream::Backoff>,
     /// Per account, the upstream IMAP sessions it may still open.
     imap_slots: Arc<ImapSlots>,
     /// Recent logins and open sessions, for the status page; kept across reloads.
@@ -71,6 +74,7 @@ impl App {
             accounts,
             tokens,
             throttle: Default::default(),
+            backoff: Default::default(),
             imap_slots: Default::default(),
             activity: Default::default(),
         }))
@@ -99,6 +103,7 @@ impl App {
             accounts,
             tokens,
             throttle: self.throttle.clone(),
+            backoff: self.backoff.clone(),
             activity: self.activity.clone(),
             imap_slots: if same_cap {
                 self.imap_slots.clone()

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::login::Failure;
 use super::session::Dialect;
 use super::stream::Stream;
-use super::upstream::{self, exchange, Upstream};
+use super::upstream::{self, exchange, Target, Upstream};
 use super::Conn;
 use crate::config::{AccountConfig, UpstreamTls};
 use crate::oauth::AccessToken;
@@ -21,15 +21,19 @@ pub struct Pop3;
 
 /// A new upstream connection for the login, and whether its greeting (and STLS) is still to
 /// come. When the listener has not seen upstream's CAPA yet, it is asked for on the way.
-async fn connect(conn: &Conn, deadline: Instant) -> Result<(Stream, bool), Failure> {
-    let stream = upstream::connect(&conn.ctx, deadline).await?;
+async fn connect(
+    conn: &Conn,
+    target: &Target,
+    deadline: Instant,
+) -> Result<(Stream, bool), Failure> {
+    let stream = upstream::connect(&conn.ctx, target, deadline).await?;
     let known = &conn.ctx.upstream_capabilities;
     if known.get().is_some() {
         return Ok((stream, true));
     }
-    let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+    let starttls = target.tls == UpstreamTls::Starttls;
     let mut machine = UpstreamPop::new(Goal::Capa, Secret::default(), starttls, true);
-    match exchange(&conn.ctx, stream, &mut machine, deadline).await? {
+    match exchange(&conn.ctx, target, stream, &mut machine, deadline).await? {
         (s, UpOutcome::Success { relay, .. }) => {
             known.set(UpstreamPop::lines(&relay));
             Ok((s, false))
@@ -37,7 +41,7 @@ async fn connect(conn: &Conn, deadline: Instant) -> Result<(Stream, bool), Failu
         // A server without CAPA: log in on a connection in a known state.
         (_, other) => {
             tracing::debug!(peer = %conn.peer, outcome = ?other, "upstream CAPA failed");
-            Ok((upstream::connect(&conn.ctx, deadline).await?, true))
+            Ok((upstream::connect(&conn.ctx, target, deadline).await?, true))
         }
     }
 }
@@ -65,10 +69,12 @@ impl Dialect for Pop3 {
         token: Arc<AccessToken>,
     ) -> Result<Upstream, Failure> {
         let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
-        let (stream, fresh) = connect(conn, deadline).await?;
-        let starttls = fresh && conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+        let target = conn.ctx.target(Some(account));
+        let (stream, fresh) = connect(conn, &target, deadline).await?;
+        let starttls = fresh && target.tls == UpstreamTls::Starttls;
         upstream::authenticate(
             conn,
+            &target,
             stream,
             account,
             token,

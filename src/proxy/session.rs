@@ -16,7 +16,7 @@ use super::upstream::Upstream;
 use super::{splice, Conn};
 use crate::config::{AccountConfig, LocalTls};
 use crate::oauth::AccessToken;
-use crate::protocol::{ClientAction, ClientSession};
+use crate::protocol::{ClientAction, ClientSession, Credentials};
 
 /// What a protocol adds to the shared driver.
 pub(crate) trait Dialect: Send {
@@ -114,16 +114,19 @@ async fn log_in<D: Dialect>(
                     session.tls_established();
                 }
                 ClientAction::Login { credentials } => {
-                    let result = async {
-                        let (account, token) = login::authorize(conn, &credentials).await?;
-                        let up = dialect.login(conn, &session, account, token).await?;
-                        Ok::<_, Failure>((account.email.clone(), up))
-                    };
-                    let result = timeout_at(deadline, result).await;
+                    // The account's provider names whose service failed, in replies and
+                    // metrics; an unknown username gets the default provider's words.
+                    let provider = conn
+                        .app
+                        .registry
+                        .lookup(&credentials.username)
+                        .map_or_else(crate::provider::default_provider, |a| a.provider);
+                    let attempt = attempt(&dialect, conn, &session, &credentials);
+                    let result = timeout_at(deadline, attempt).await;
                     if let Ok(outcome) = &result {
-                        let provider = crate::provider::default_provider().id();
                         let failure = outcome.as_ref().err();
-                        crate::metrics::upstream_login(conn.ctx.config.protocol, provider, failure);
+                        let protocol = conn.ctx.config.protocol;
+                        crate::metrics::upstream_login(protocol, provider.id(), failure);
                     }
                     let outcome = match &result {
                         Ok(outcome) => crate::metrics::login_result(outcome.as_ref().err()),
@@ -136,8 +139,7 @@ async fn log_in<D: Dialect>(
                             let pending = session.into_pending_input();
                             return Some((email, client, up, pending));
                         }
-                        Ok(Err(failure)) => session
-                            .login_failed(&failure, crate::provider::default_provider().words()),
+                        Ok(Err(failure)) => session.login_failed(&failure, provider.words()),
                     }
                 }
             }
@@ -155,6 +157,20 @@ async fn log_in<D: Dialect>(
             Err(_) => return timed_out::<D, _>(&mut client).await,
         }
     }
+}
+
+/// One login: the local password, a token, any pause upstream asked for, the upstream login.
+async fn attempt<D: Dialect>(
+    dialect: &D,
+    conn: &Conn,
+    session: &D::Session,
+    credentials: &Credentials,
+) -> Result<(String, Upstream), Failure> {
+    let (account, token) = login::authorize(conn, credentials).await?;
+    let limit = conn.app.config.limits.upstream_timeout;
+    conn.app.backoff.honour(&account.key(), limit).await?;
+    let up = dialect.login(conn, session, account, token).await?;
+    Ok((account.email.clone(), up))
 }
 
 /// The pre-auth deadline passed: say so (briefly) and close.

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::login::Failure;
 use super::session::Dialect;
 use super::stream::Stream;
-use super::upstream::{self, exchange, Upstream};
+use super::upstream::{self, exchange, Target, Upstream};
 use super::Conn;
 use crate::config::{AccountConfig, UpstreamTls};
 use crate::oauth::AccessToken;
@@ -24,14 +24,19 @@ const FALLBACK_DOMAIN: &str = "localhost";
 
 /// Greet upstream on a new connection (banner, EHLO, STARTTLS and EHLO again when
 /// configured) and note its extensions for the listener's next EHLO answers.
-async fn hello(conn: &Conn, domain: &str, deadline: Instant) -> Result<Stream, Failure> {
-    let stream = upstream::connect(&conn.ctx, deadline).await?;
-    let starttls = conn.ctx.config.upstream_tls == UpstreamTls::Starttls;
+async fn hello(
+    conn: &Conn,
+    target: &Target,
+    domain: &str,
+    deadline: Instant,
+) -> Result<Stream, Failure> {
+    let stream = upstream::connect(&conn.ctx, target, deadline).await?;
+    let starttls = target.tls == UpstreamTls::Starttls;
     let mut machine = UpstreamHello::new(domain, starttls, true);
     let temporary = |why: String| Failure::Temporary {
-        detail: format!("{}: {why}", conn.ctx.config.upstream()),
+        detail: format!("{target}: {why}"),
     };
-    match exchange(&conn.ctx, stream, &mut machine, deadline).await? {
+    match exchange(&conn.ctx, target, stream, &mut machine, deadline).await? {
         (s, UpOutcome::Success { relay, .. }) => {
             let lines = UpstreamHello::lines(&relay);
             conn.ctx
@@ -68,7 +73,9 @@ impl Dialect for Smtp {
     ) -> Result<Upstream, Failure> {
         let deadline = Instant::now() + conn.app.config.limits.upstream_timeout;
         let domain = session.hello_domain().unwrap_or(FALLBACK_DOMAIN);
-        let stream = hello(conn, domain, deadline).await?;
-        upstream::authenticate(conn, stream, account, token, UpstreamAuth::new, deadline).await
+        let target = conn.ctx.target(Some(account));
+        let stream = hello(conn, &target, domain, deadline).await?;
+        let make = UpstreamAuth::new;
+        upstream::authenticate(conn, &target, stream, account, token, make, deadline).await
     }
 }

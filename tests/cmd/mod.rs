@@ -248,6 +248,11 @@ impl Running {
         }
     }
 
+    /// Send it SIGINT, as Ctrl-C in a terminal does.
+    pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
     /// Type a line on its standard input.
     pub fn paste(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for Google's OAuth token endpoint, plus the RFC 7662 introspection endpoint the
-test Dovecot validates bearer tokens against. Python 3 standard library only.
+test Dovecot validates bearer tokens against. Python 3 standard library only. With
+--ms-client-id it also plays Microsoft's identity platform under /{tenant}/oauth2/v2.0/.
 
 Endpoints
   POST /token        grant_type=refresh_token, client_id, client_secret, refresh_token
@@ -13,6 +14,14 @@ Endpoints
                      for login_hint's account (PKCE S256 challenge remembered)
   POST /token        grant_type=authorization_code, code, code_verifier, redirect_uri
                      -> 200 with a new refresh token as well
+
+Microsoft mode (--ms-client-id ID --device-user EMAIL), a public client (no secret):
+  POST /{tenant}/oauth2/v2.0/devicecode   client_id, scope (must hold offline_access)
+                     -> 200 {"device_code", "user_code", "verification_uri", "interval": 1, ...}
+  POST /{tenant}/oauth2/v2.0/token   device_code grant: authorization_pending once, then a
+                     token for EMAIL; refresh_token grant: a new refresh token every time (the
+                     old one stays valid, as at Microsoft)
+  The tenant of every such request is counted in stats["ms_tenants"].
 
 Control (for the test runner; answers JSON)
   POST /control/add-refresh-token   refresh_token=...&email=...
@@ -37,6 +46,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 SCOPE = "https://mail.google.com/"
+# What Microsoft grants for the proxy's one consent (offline_access is not echoed).
+MS_SCOPE = ("https://outlook.office.com/IMAP.AccessAsUser.All "
+            "https://outlook.office.com/POP.AccessAsUser.All https://outlook.office.com/SMTP.Send")
 
 
 class State:
@@ -49,7 +61,11 @@ class State:
         self.access = {}  # access token -> {"email", "exp", "active"}
         self.codes = {}  # authorization code -> {"email", "challenge", "redirect_uri"}
         self.down = False
+        self.ms_client_id = None
+        self.device_user = None
+        self.device_polls = 0
         self.stats = {
+            "ms_tenants": {},
             "token_requests": 0,  # every POST /token, whatever the answer
             "token_ok": 0,
             "token_failed": 0,
@@ -126,7 +142,7 @@ class Handler(BaseHTTPRequestHandler):
         STATE.refresh[refresh] = {"email": grant["email"], "revoked": False}
         return self._issue(grant["email"], refresh)
 
-    def _issue(self, email, refresh=None):
+    def _issue(self, email, refresh=None, scope=SCOPE):
         token = "ya29.interop-" + secrets.token_urlsafe(24)
         STATE.access[token] = {
             "email": email,
@@ -137,7 +153,7 @@ class Handler(BaseHTTPRequestHandler):
         body = {
             "access_token": token,
             "expires_in": STATE.expires_in,
-            "scope": SCOPE,
+            "scope": scope,
             "token_type": "Bearer",
         }
         if refresh:
@@ -149,6 +165,9 @@ class Handler(BaseHTTPRequestHandler):
         form = self._form()
         if path == "/token":
             return self._token(form)
+        ms = path.split("/")
+        if STATE.ms_client_id and len(ms) == 5 and ms[2:4] == ["oauth2", "v2.0"]:
+            return self._microsoft(ms[1], ms[4], form)
         if path == "/introspect":
             return self._introspect(form)
         if path.startswith("/control/"):
@@ -177,6 +196,45 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(400, {"error": "invalid_grant",
                                         "error_description": "Token has been expired or revoked."})
             return self._issue(entry["email"])
+
+    def _microsoft(self, tenant, endpoint, form):
+        with STATE.lock:
+            STATE.stats["ms_tenants"][tenant] = STATE.stats["ms_tenants"].get(tenant, 0) + 1
+            if form.get("client_id") != STATE.ms_client_id:
+                return self._json(400, {"error": "unauthorized_client",
+                                        "error_description": "AADSTS700016: Application not found."})
+            if endpoint == "devicecode":
+                if "offline_access" not in form.get("scope", "").split():
+                    return self._json(400, {"error": "invalid_scope"})
+                return self._json(200, {
+                    "device_code": "interop-device-code", "user_code": "INTEROP42",
+                    "verification_uri": "https://microsoft.com/devicelogin",
+                    "expires_in": 900, "interval": 1,
+                    "message": "Enter INTEROP42 at https://microsoft.com/devicelogin"})
+            if endpoint != "token":
+                return self._json(404, {"error": "not_found"})
+            STATE.stats["token_requests"] += 1
+            grant = form.get("grant_type")
+            if grant == "urn:ietf:params:oauth:grant-type:device_code":
+                STATE.device_polls += 1
+                if form.get("device_code") != "interop-device-code":
+                    return self._json(400, {"error": "bad_verification_code"})
+                if STATE.device_polls == 1:
+                    return self._json(400, {"error": "authorization_pending",
+                                            "error_description": "AADSTS70016: pending"})
+                email = STATE.device_user
+            elif grant == "refresh_token":
+                entry = STATE.refresh.get(form.get("refresh_token", ""))
+                if entry is None or entry["revoked"]:
+                    STATE.stats["token_failed"] += 1
+                    return self._json(400, {"error": "invalid_grant",
+                                            "error_description": "AADSTS70000: invalid refresh token"})
+                email = entry["email"]
+            else:
+                return self._json(400, {"error": "unsupported_grant_type"})
+            refresh = "M.C5_interop-" + secrets.token_urlsafe(24)
+            STATE.refresh[refresh] = {"email": email, "revoked": False}
+            return self._issue(email, refresh, MS_SCOPE)
 
     def _introspect(self, form):
         with STATE.lock:
@@ -223,8 +281,12 @@ def main():
     ap.add_argument("--client-secret", required=True)
     ap.add_argument("--refresh-token", action="append", default=[], metavar="TOKEN=EMAIL")
     ap.add_argument("--expires-in", type=int, default=3599)
+    ap.add_argument("--ms-client-id")
+    ap.add_argument("--device-user", metavar="EMAIL")
     args = ap.parse_args()
     STATE = State(args.client_id, args.client_secret, args.expires_in)
+    STATE.ms_client_id = args.ms_client_id
+    STATE.device_user = args.device_user
     for item in args.refresh_token:
         tok, email = item.split("=", 1)
         STATE.refresh[tok] = {"email": email, "revoked": False}

@@ -185,6 +185,9 @@ USER_EMAIL=alice@example.com
 CLIENT_ID=interop-client.apps.googleusercontent.com
 CLIENT_SECRET=GOCSPX-interop-secret
 REFRESH_TOKEN="1//interop-refresh-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+MS_USER=bob@example.com # a Microsoft account, authorized with login --device
+MS_CLIENT_ID=00000000-0000-4000-8000-00000000c11e
+MS_TENANT=interop-tenant.example
 MAIL_UID=5000
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +217,7 @@ mkdir -p "$T/pki"
 # ---------------------------------------------------------------------------------------------
 python3 "$HERE/fake_google.py" --port "$P_FG" --client-id "$CLIENT_ID" \
     --client-secret "$CLIENT_SECRET" --refresh-token "$REFRESH_TOKEN=$USER_EMAIL" \
+    --ms-client-id "$MS_CLIENT_ID" --device-user "$MS_USER" \
     </dev/null >"$T/fake_google.log" 2>&1 &
 PIDS_FG=$!
 python3 "$HERE/smtp_to_lmtp.py" --port "$P_SINK" --lmtp-port "$P_LMTP" \
@@ -260,6 +264,15 @@ this message was in the mailbox before the test started.
 .
 ..a line that starts with two dots
 EOF
+MS_HOME=$T/home/bob
+mkdir -p "$MS_HOME/Maildir/"{cur,new,tmp}
+cat >"$MS_HOME/Maildir/cur/1700000001.M1P1.interop:2,S" <<'EOF'
+From: Carol <carol@example.net>
+To: Bob <bob@example.com>
+Subject: for Bob via Microsoft
+
+Bob's mailbox, reached with a token from the fake Microsoft identity platform.
+EOF
 chown -R "$MAIL_UID:$MAIL_UID" "$T/home"
 
 cat >"$D/oauth2.conf" <<EOF
@@ -271,7 +284,10 @@ active_value = true
 username_attribute = email
 scope = https://mail.google.com/
 EOF
-echo "$USER_EMAIL::$MAIL_UID:$MAIL_UID::$HOME_DIR::" >"$D/users"
+{
+    echo "$USER_EMAIL::$MAIL_UID:$MAIL_UID::$HOME_DIR::"
+    echo "$MS_USER::$MAIL_UID:$MAIL_UID::$MS_HOME::"
+} >"$D/users"
 DOVECOT_CONF=$D/dovecot.conf
 cat >"$DOVECOT_CONF" <<EOF
 instance_name = xoauth2-interop-$BASE
@@ -397,6 +413,13 @@ client_id = "$CLIENT_ID"
 client_secret = "$CLIENT_SECRET"
 token_url = "http://127.0.0.1:$P_FG/token"
 
+[providers.microsoft]
+client_id = "$MS_CLIENT_ID"
+tenant = "$MS_TENANT"
+auth_url = "http://127.0.0.1:$P_FG/{tenant}/oauth2/v2.0/authorize"
+token_url = "http://127.0.0.1:$P_FG/{tenant}/oauth2/v2.0/token"
+device_url = "http://127.0.0.1:$P_FG/{tenant}/oauth2/v2.0/devicecode"
+
 [limits]
 upstream_timeout_secs = 10
 preauth_timeout_secs = 30
@@ -415,6 +438,10 @@ EOF
 
 [[account]]
 email = "$USER_EMAIL"
+
+[[account]]
+email = "$MS_USER"
+provider = "microsoft"
 EOF
 } >"$CFG"
 
@@ -443,6 +470,15 @@ APP_PASSWORD=$(printf '%s\n' "$out" | tail -n 1)
     pass "cli: password add prints the password alone on the last line (${#APP_PASSWORD} chars)" ||
     die "cli: password add: exit $rc, stdout: $out; stderr: $(cat "$P/password-add.err")"
 
+# Microsoft: the device-code login driven through the CLI against the fake identity platform
+out=$(timeout 60 "$BIN" login "$MS_USER" -c "$CFG" --device </dev/null 2>&1)
+rc=$?
+[ $rc = 0 ] && [[ $out == *INTEROP42* ]] && [[ $out == *microsoft.com/devicelogin* ]] &&
+    [[ $out == *"Authorized $MS_USER"* ]] &&
+    pass "cli: login --device shows the verification URL and user code, polls past authorization_pending and stores the grant" ||
+    fail "cli: login --device: exit $rc; output: $out"
+MS_PASSWORD=$("$BIN" password add "$MS_USER" -c "$CFG" --label interop 2>/dev/null | tail -n 1)
+
 "$BIN" serve -c "$CFG" </dev/null >"$T/proxy.out" 2>"$T/proxy.log" &
 PID_PROXY=$!
 ok=
@@ -458,6 +494,20 @@ for _ in $(seq 150); do
 done
 [ -n "$ok" ] && pass "serve: all 9 listeners logged 'listening' with their bind address" ||
     die "serve did not come up: $(tail -5 "$T/proxy.log")"
+
+# ---------------------------------------------------------------------------------------------
+# Microsoft account through the same listener, validated by Dovecot's introspection
+# ---------------------------------------------------------------------------------------------
+say "microsoft account"
+out=$(curl -s --max-time 20 --user "$MS_USER:$MS_PASSWORD" "imap://127.0.0.1:$P_PX_IMAP/INBOX;UID=1" 2>&1)
+tenants=$(stat_field ms_tenants)
+if [[ $out == *"for Bob via Microsoft"* ]] &&
+    grep -q "Login: user=<$MS_USER>, method=XOAUTH2" "$D/dovecot.log" &&
+    [[ $tenants == *"'$MS_TENANT'"* ]]; then
+    pass "microsoft: curl IMAP fetch through the proxy as $MS_USER (token from the fake identity platform, tenant in the path; Dovecot: method=XOAUTH2)"
+else
+    fail "microsoft: IMAP fetch as $MS_USER: curl said: ${out:0:200}; tenants seen: $tenants"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # The client checks

@@ -23,61 +23,70 @@ pub const SCOPE: &str = "https://mail.google.com/";
 /// Default `expires_in` of issued access tokens.
 pub const DEFAULT_EXPIRES_IN: u64 = 3599;
 
-struct RefreshEntry {
-    email: String,
-    revoked: bool,
+pub(super) struct RefreshEntry {
+    pub(super) email: String,
+    pub(super) revoked: bool,
 }
 
-struct AccessEntry {
+pub(super) struct AccessEntry {
     email: String,
     expires_at: Instant,
 }
 
-struct PendingCode {
-    email: String,
-    client_id: String,
-    redirect_uri: String,
-    code_challenge: Option<String>,
-    code_challenge_method: String,
+pub(super) struct PendingCode {
+    pub(super) email: String,
+    pub(super) client_id: String,
+    pub(super) redirect_uri: String,
+    pub(super) code_challenge: Option<String>,
+    pub(super) code_challenge_method: String,
 }
 
-struct Inner {
-    refresh: HashMap<String, RefreshEntry>,
-    access: HashMap<String, AccessEntry>,
-    codes: HashMap<String, PendingCode>,
-    expires_in: u64,
-    down: bool,
-    delay: Duration,
-    consent_email: Option<String>,
-    consent_denied: bool,
-    authorization_requests: Vec<Vec<(String, String)>>,
-    issued_refresh_tokens: Vec<(String, String)>,
+pub(super) struct Inner {
+    pub(super) refresh: HashMap<String, RefreshEntry>,
+    pub(super) access: HashMap<String, AccessEntry>,
+    pub(super) codes: HashMap<String, PendingCode>,
+    pub(super) expires_in: u64,
+    pub(super) down: bool,
+    pub(super) delay: Duration,
+    pub(super) consent_email: Option<String>,
+    pub(super) consent_denied: bool,
+    pub(super) authorization_requests: Vec<Vec<(String, String)>>,
+    pub(super) issued_refresh_tokens: Vec<(String, String)>,
     /// client_email → PKCS#1 RSAPublicKey DER.
-    service_accounts: HashMap<String, Vec<u8>>,
-    delegation_granted: bool,
+    pub(super) service_accounts: HashMap<String, Vec<u8>>,
+    pub(super) delegation_granted: bool,
     /// Claims of every accepted JWT bearer assertion.
-    jwt_claims: Vec<serde_json::Value>,
+    pub(super) jwt_claims: Vec<serde_json::Value>,
     /// The `aud` assertions must carry: this fake's token URL.
-    audience: String,
+    pub(super) audience: String,
     /// Every refresh answers with a new refresh token and revokes the one it was given.
-    rotate_refresh_tokens: bool,
+    pub(super) rotate_refresh_tokens: bool,
     /// When set, POST /token answers 302 to this address instead.
-    token_redirect: Option<String>,
+    pub(super) token_redirect: Option<String>,
     /// Device grant polls answer these error codes in turn ("ok" issues a token); the last
     /// one repeats.
-    device_script: Vec<String>,
-    device_polls: usize,
+    pub(super) device_script: Vec<String>,
+    pub(super) device_polls: usize,
+    /// Microsoft: the tenant of every request to the identity endpoints, in order.
+    pub(super) ms_tenants: Vec<String>,
+    /// Microsoft: refresh answers revoke the refresh token they were given (stricter than
+    /// Microsoft, which keeps it valid), so only the newest one works.
+    pub(super) ms_strict_rotation: bool,
+    /// Microsoft: when set, refresh and client-credential grants answer this refusal.
+    pub(super) ms_refusal: Option<(u16, String, String)>,
+    /// `interval` of issued device codes (seconds).
+    pub(super) device_interval: u64,
 }
 
 pub struct GoogleState {
-    inner: Mutex<Inner>,
+    pub(super) inner: Mutex<Inner>,
     token_requests: AtomicUsize,
-    refresh_grants_ok: AtomicUsize,
+    pub(super) refresh_grants_ok: AtomicUsize,
 }
 
 /// Cheap clonable handle to the fake's token state (what the mail fakes use).
 #[derive(Clone)]
-pub struct GoogleHandle(Arc<GoogleState>);
+pub struct GoogleHandle(pub(super) Arc<GoogleState>);
 
 impl GoogleHandle {
     /// True if `token` was issued by this fake, is unexpired, has not been invalidated, and
@@ -92,7 +101,17 @@ impl GoogleHandle {
         }
     }
 
-    fn mint(&self, inner: &mut Inner, email: &str, ttl: Duration) -> String {
+    /// Whose unexpired access token this is, if this fake issued it.
+    pub fn token_owner(&self, token: &str) -> Option<String> {
+        let inner = lock(&self.0.inner);
+        inner
+            .access
+            .get(token)
+            .filter(|e| Instant::now() < e.expires_at)
+            .map(|e| e.email.clone())
+    }
+
+    pub(super) fn mint(&self, inner: &mut Inner, email: &str, ttl: Duration) -> String {
         let token = format!("ya29.a0{}", random_urlsafe(120));
         let now = Instant::now();
         // An absurd expires_in (u64::MAX, for tests of the proxy's clamp) means "for good".
@@ -146,6 +165,10 @@ impl FakeGoogle {
                 token_redirect: None,
                 device_script: vec!["authorization_pending".into()],
                 device_polls: 0,
+                ms_tenants: Vec::new(),
+                ms_strict_rotation: false,
+                ms_refusal: None,
+                device_interval: 5,
             }),
             token_requests: AtomicUsize::new(0),
             refresh_grants_ok: AtomicUsize::new(0),
@@ -321,7 +344,7 @@ impl FakeGoogle {
     }
 }
 
-fn oauth_error(status: u16, error: &str, description: Option<&str>) -> Response {
+pub(super) fn oauth_error(status: u16, error: &str, description: Option<&str>) -> Response {
     match description {
         Some(d) => Response::json(status, &json!({"error": error, "error_description": d})),
         None => Response::json(status, &json!({"error": error})),
@@ -363,13 +386,16 @@ async fn handle(state: &GoogleHandle, req: Request) -> Response {
              <body><p><b>503.</b> That's an error.</p></body></html>",
         );
     }
+    if let Some((tenant, endpoint)) = super::microsoft::route(&req.path) {
+        return super::microsoft::handle(state, &req, tenant, endpoint);
+    }
     let redirect = lock(&state.0.inner).token_redirect.clone();
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/token") if redirect.is_some() => {
             Response::redirect(redirect.as_deref().unwrap_or_default())
         }
         ("POST", "/token") => token(state, &req),
-        ("POST", "/device/code") => device_code(&req),
+        ("POST", "/device/code") => device_code(state, &req),
         ("GET", "/auth") | ("GET", "/o/oauth2/v2/auth") | ("GET", "/o/oauth2/auth") => {
             authorize(state, &req)
         }
@@ -380,7 +406,9 @@ async fn handle(state: &GoogleHandle, req: Request) -> Response {
 }
 
 /// Form parameters, rejecting duplicates (RFC 6749 §3.2).
-fn unique_params(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>, String> {
+pub(super) fn unique_params(
+    pairs: Vec<(String, String)>,
+) -> Result<HashMap<String, String>, String> {
     let mut map = HashMap::new();
     for (k, v) in pairs {
         if map.contains_key(&k) {
@@ -393,7 +421,7 @@ fn unique_params(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>
 
 /// Client credentials from `Authorization: Basic` (RFC 6749 §2.3.1, url-encoded parts) or
 /// from the body. `Err` when they conflict or are malformed.
-fn client_credentials(
+pub(super) fn client_credentials(
     req: &Request,
     params: &HashMap<String, String>,
 ) -> Result<(Option<String>, Option<String>), ()> {
@@ -522,19 +550,8 @@ fn code_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Respons
     if params.get("redirect_uri") != Some(&pending.redirect_uri) {
         return oauth_error(400, "redirect_uri_mismatch", Some("Bad Request"));
     }
-    if let Some(challenge) = &pending.code_challenge {
-        let Some(verifier) = params.get("code_verifier") else {
-            return oauth_error(400, "invalid_grant", Some("Missing code verifier."));
-        };
-        let computed = if pending.code_challenge_method.eq_ignore_ascii_case("S256") {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(sha2::Sha256::digest(verifier.as_bytes()))
-        } else {
-            verifier.clone()
-        };
-        if computed != *challenge {
-            return oauth_error(400, "invalid_grant", Some("Invalid code verifier."));
-        }
+    if let Err(refused) = check_pkce(&pending, params) {
+        return refused;
     }
     let refresh_token = format!("1//0g{}", random_urlsafe(98));
     inner.refresh.insert(
@@ -561,7 +578,38 @@ fn code_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Respons
     )
 }
 
-fn is_loopback_redirect(uri: &str) -> bool {
+/// RFC 7636: the verifier must match the challenge the authorization request carried.
+pub(super) fn check_pkce(
+    pending: &PendingCode,
+    params: &HashMap<String, String>,
+) -> Result<(), Response> {
+    let Some(challenge) = &pending.code_challenge else {
+        return Ok(());
+    };
+    let Some(verifier) = params.get("code_verifier") else {
+        return Err(oauth_error(
+            400,
+            "invalid_grant",
+            Some("Missing code verifier."),
+        ));
+    };
+    let computed = if pending.code_challenge_method.eq_ignore_ascii_case("S256") {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(verifier.as_bytes()))
+    } else {
+        verifier.clone()
+    };
+    if computed != *challenge {
+        return Err(oauth_error(
+            400,
+            "invalid_grant",
+            Some("Invalid code verifier."),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn is_loopback_redirect(uri: &str) -> bool {
     ["http://127.0.0.1", "http://localhost", "http://[::1]"]
         .iter()
         .any(|prefix| {
@@ -774,7 +822,7 @@ pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 const DEVICE_CODE: &str = "fake-device-code";
 
 /// RFC 8628 §3.2: a device code, the code the user types, where, and how often to poll.
-fn device_code(req: &Request) -> Response {
+fn device_code(state: &GoogleHandle, req: &Request) -> Response {
     let params = parse_form(&req.body);
     if !params
         .iter()
@@ -789,7 +837,7 @@ fn device_code(req: &Request) -> Response {
             "user_code": "WDJB-MJHT",
             "verification_uri": "https://example.com/device",
             "expires_in": 900,
-            "interval": 5,
+            "interval": lock(&state.0.inner).device_interval,
         }),
     )
 }

@@ -44,6 +44,7 @@ struct Shared {
     tls: UpstreamTls,
     mailboxes: Mutex<HashMap<String, Vec<Arc<Vec<u8>>>>>,
     extra_untagged: AtomicBool,
+    exchange: super::exchange::Exchange,
 }
 
 impl Shared {
@@ -67,6 +68,7 @@ impl FakeImap {
             tls,
             mailboxes: Mutex::new(HashMap::new()),
             extra_untagged: AtomicBool::new(false),
+            exchange: Default::default(),
         });
         let (listener, addr) = bind_loopback().await;
         let s = shared.clone();
@@ -91,6 +93,11 @@ impl FakeImap {
         lock(&self.shared.mailboxes)
             .get(&email.to_ascii_lowercase())
             .map_or(0, Vec::len)
+    }
+
+    /// Exchange Online behaviour instead of Gmail's (off by default).
+    pub fn exchange(&self) -> &super::exchange::Exchange {
+        &self.shared.exchange
     }
 
     /// Gmail quirk: send `* OK Gimap ready for requests from 127.0.0.1 <id>` between
@@ -164,10 +171,17 @@ impl Session {
     }
 
     async fn run(&mut self) -> Io<()> {
-        let greeting = format!(
-            "* OK Gimap ready for requests from {} {}\r\n",
-            self.peer_ip, self.id
-        );
+        let greeting = if self.shared.exchange.is_on() {
+            format!(
+                "* OK The Microsoft Exchange IMAP4 service is ready. [{}]\r\n",
+                self.id
+            )
+        } else {
+            format!(
+                "* OK Gimap ready for requests from {} {}\r\n",
+                self.peer_ip, self.id
+            )
+        };
         self.send(&greeting).await?;
         loop {
             let line = match self.read_command().await? {
@@ -361,6 +375,36 @@ impl Session {
         Ok(())
     }
 
+    /// Exchange's answers (§4.6, §4.7): one line either way, no error challenge.
+    async fn exchange_authenticate(&mut self, tag: &str, response: &str) -> Io<Flow> {
+        let exchange = &self.shared.exchange;
+        exchange.note_login();
+        if let Some(ms) = exchange.take_throttle() {
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
+            let line = format!(
+                "{tag} NO Request is throttled. Suggested Backoff Time: {ms} milliseconds\r\n"
+            );
+            return self.send(&line).await.map(|_| Flow::Continue);
+        }
+        let credentials = parse_xoauth2(response);
+        let user = credentials
+            .as_ref()
+            .filter(|(user, token)| exchange.may_open(&self.shared.google, user, token));
+        self.note_pipelined().await?;
+        let Some((user, _)) = user else {
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
+            return self
+                .send(&format!("{tag} NO AUTHENTICATE failed.\r\n"))
+                .await
+                .map(|_| Flow::Continue);
+        };
+        self.shared.stats.successful.fetch_add(1, Ordering::SeqCst);
+        self.user = Some(user.clone());
+        self.send(&format!("{tag} OK AUTHENTICATE completed.\r\n"))
+            .await
+            .map(|_| Flow::Continue)
+    }
+
     async fn authenticate(&mut self, tag: &str, args: &str) -> Io<Flow> {
         let parts: Vec<&str> = args.split(' ').filter(|s| !s.is_empty()).collect();
         let Some(mechanism) = parts.first() else {
@@ -413,6 +457,9 @@ impl Session {
             self.send(&format!("{tag} BAD AUTHENTICATE cancelled\r\n"))
                 .await?;
             return Ok(Flow::Continue);
+        }
+        if self.shared.exchange.is_on() {
+            return self.exchange_authenticate(tag, &response).await;
         }
         let credentials = parse_xoauth2(&response);
         if credentials.is_none() {

@@ -10,9 +10,11 @@
 
 pub mod client;
 pub mod conn;
+pub mod exchange;
 pub mod google;
 pub mod http;
 pub mod imap;
+pub mod microsoft;
 pub mod pki;
 pub mod pop3;
 pub mod redis;

@@ -46,6 +46,7 @@ struct Shared {
     tls: PopTls,
     mailboxes: Mutex<HashMap<String, Vec<PopMessage>>>,
     next_uid: AtomicU64,
+    exchange: super::exchange::Exchange,
 }
 
 impl Shared {
@@ -69,6 +70,7 @@ impl FakePop3 {
             tls,
             mailboxes: Mutex::new(HashMap::new()),
             next_uid: AtomicU64::new(0x18c5_f2a3_b4d5_0000),
+            exchange: Default::default(),
         });
         let (listener, addr) = bind_loopback().await;
         let s = shared.clone();
@@ -78,6 +80,11 @@ impl FakePop3 {
             shared,
             _task: task,
         }
+    }
+
+    /// Exchange Online behaviour instead of Gmail's (off by default).
+    pub fn exchange(&self) -> &super::exchange::Exchange {
+        &self.shared.exchange
     }
 
     /// Appends a message (raw RFC 5322 bytes with CRLF) to that user's maildrop. Sessions
@@ -310,6 +317,14 @@ impl Session {
             self.reply("-ERR bad command").await?;
             return Ok(Flow::Continue);
         }
+        if self.shared.exchange.is_on() && ir.is_some() {
+            // Exchange documents only the two-line AUTH and closes on the one-line form.
+            self.shared
+                .violation("one-line AUTH XOAUTH2 sent to Exchange".to_string());
+            self.reply("-ERR Protocol error. Connection is closed. 10")
+                .await?;
+            return Ok(Flow::Close);
+        }
         if mechanism != "XOAUTH2" {
             self.shared
                 .violation(format!("unexpected AUTH mechanism {mechanism}"));
@@ -342,9 +357,21 @@ impl Session {
             self.shared
                 .violation("malformed XOAUTH2 initial response".to_string());
         }
-        let valid = credentials
-            .as_ref()
-            .is_some_and(|(email, token)| self.shared.google.check_access_token(token, email));
+        let exchange = &self.shared.exchange;
+        let valid = credentials.as_ref().is_some_and(|(email, token)| {
+            if exchange.is_on() {
+                exchange.may_open(&self.shared.google, email, token)
+            } else {
+                self.shared.google.check_access_token(token, email)
+            }
+        });
+        if exchange.is_on() && !valid {
+            self.note_pipelined().await?;
+            self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
+            self.reply("-ERR Authentication failure: unknown user name or bad password.")
+                .await?;
+            return Ok(Flow::Continue);
+        }
         if let (true, Some((email, _))) = (valid, credentials) {
             self.note_pipelined().await?;
             self.shared.stats.successful.fetch_add(1, Ordering::SeqCst);
@@ -355,7 +382,11 @@ impl Session {
                 .unwrap_or_default();
             self.deleted = vec![false; self.maildrop.len()];
             self.user = Some(key);
-            self.reply("+OK Welcome.").await?;
+            if self.shared.exchange.is_on() {
+                self.reply("+OK User successfully authenticated.").await?;
+            } else {
+                self.reply("+OK Welcome.").await?;
+            }
             return Ok(Flow::Continue);
         }
         self.reply(&format!("+ {XOAUTH2_ERROR_CHALLENGE}")).await?;

@@ -58,6 +58,7 @@ struct Shared {
     mode: SmtpMode,
     messages: Mutex<Vec<ReceivedMessage>>,
     close_mid_data: Mutex<Option<usize>>,
+    exchange: super::exchange::Exchange,
 }
 
 impl Shared {
@@ -81,6 +82,7 @@ impl FakeSmtp {
             mode,
             messages: Mutex::new(Vec::new()),
             close_mid_data: Mutex::new(None),
+            exchange: Default::default(),
         });
         let (listener, addr) = bind_loopback().await;
         let s = shared.clone();
@@ -90,6 +92,11 @@ impl FakeSmtp {
             shared,
             _task: task,
         }
+    }
+
+    /// Exchange Online behaviour instead of Gmail's (off by default).
+    pub fn exchange(&self) -> &super::exchange::Exchange {
+        &self.shared.exchange
     }
 
     /// Messages accepted so far, in order.
@@ -445,6 +452,29 @@ impl Session {
         .await
     }
 
+    /// Exchange's answers (§4.6): no error challenge; 5.7.139 when SMTP AUTH is off.
+    async fn exchange_auth(&mut self, credentials: Option<(String, String)>) -> Io<Flow> {
+        let exchange = &self.shared.exchange;
+        exchange.note_login();
+        let user =
+            credentials.filter(|(user, token)| exchange.may_open(&self.shared.google, user, token));
+        let disabled = exchange.smtp_auth_disabled();
+        self.note_pipelined().await?;
+        let reply = match user {
+            _ if disabled => "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [AM0PR01CA0001.eurprd01.prod.exchangelabs.com]",
+            None => "535 5.7.3 Authentication unsuccessful [AM0PR01CA0001.eurprd01.prod.exchangelabs.com]",
+            Some((user, _)) => {
+                self.user = Some(user);
+                self.shared.stats.successful.fetch_add(1, Ordering::SeqCst);
+                self.reply("235 2.7.0 Authentication successful").await?;
+                return Ok(Flow::Continue);
+            }
+        };
+        self.shared.stats.failed.fetch_add(1, Ordering::SeqCst);
+        self.reply(reply).await?;
+        Ok(Flow::Continue)
+    }
+
     async fn auth(&mut self, args: &str) -> Io<Flow> {
         let id = self.id.clone();
         if !self.greeted {
@@ -514,6 +544,9 @@ impl Session {
         if credentials.is_none() {
             self.shared
                 .violation("malformed XOAUTH2 initial response".to_string());
+        }
+        if self.shared.exchange.is_on() {
+            return self.exchange_auth(credentials).await;
         }
         let valid = credentials
             .as_ref()
