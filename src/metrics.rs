@@ -141,8 +141,11 @@ pub fn local_login(protocol: Protocol, result: &'static str) {
 
 /// A login that passed the local check ended upstream: `None` is success.
 pub fn upstream_login(protocol: Protocol, provider: &'static str, failure: Option<&Failure>) {
-    // Counted as a local login.
-    if failure == Some(&Failure::BadCredentials) {
+    // Counted as local logins: the upstream was never asked.
+    if matches!(
+        failure,
+        Some(Failure::BadCredentials | Failure::TooManySessions { .. })
+    ) {
         return;
     }
     handle();

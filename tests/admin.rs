@@ -175,6 +175,13 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
         &[ListenerSpec::new("imap", imap.addr)],
         &[ALICE, CAROL],
     ) + "\n[admin]\nbind = \"127.0.0.1:0\"\naccount_labels = true\n";
+    // One upstream IMAP session per account, so that a second one meets the cap.
+    let text = text.replacen(
+        "[limits]\n",
+        "[limits]\nimap_connections_per_account = 1\nimap_slot_wait_ms = 100\n",
+        1,
+    );
+    assert!(text.contains("imap_connections_per_account = 1"), "{text}");
     let dir = cmd::ConfigDir::from_text(&text);
     let alice = AccountKey::new(ALICE);
     google.add_refresh_token("1//admin", ALICE);
@@ -289,6 +296,39 @@ async fn metrics_count_scripted_traffic_and_probes_report_the_store() {
         Some(&1.0),
         "{text}"
     );
+
+    // Alice logged in while another session of hers holds the only upstream slot.
+    let mut holder = TestClient::connect(imap_addr).await;
+    holder.read_line().await;
+    holder
+        .send_line(&format!("d1 LOGIN {ALICE} {}", password.expose()))
+        .await;
+    assert!(holder.read_imap_tagged("d1").await.0.starts_with("d1 OK"));
+    let mut c = TestClient::connect(imap_addr).await;
+    c.read_line().await;
+    c.send_line(&format!("e1 LOGIN {ALICE} {}", password.expose()))
+        .await;
+    assert!(c
+        .read_imap_tagged("e1")
+        .await
+        .0
+        .starts_with("e1 NO [LIMIT]"));
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    let s = samples(&text);
+    for (sample, want) in [
+        // Alice's right password made her address trusted again.
+        ("xoauth2_proxy_throttled_sources", 0.0),
+        // The first two wrong answers go out at once; the third waited.
+        ("xoauth2_proxy_local_logins_total{protocol=\"imap\",result=\"wrong_password\"}", 2.0),
+        ("xoauth2_proxy_local_logins_total{protocol=\"imap\",result=\"throttled\"}", 1.0),
+        ("xoauth2_proxy_local_logins_total{protocol=\"imap\",result=\"ok\"}", 2.0),
+        ("xoauth2_proxy_local_logins_total{protocol=\"imap\",result=\"limit\"}", 1.0),
+        // The refused one never reached the upstream.
+        ("xoauth2_proxy_upstream_logins_total{protocol=\"imap\",provider=\"google\",result=\"ok\"}", 2.0),
+    ] {
+        assert_eq!(s.get(sample), Some(&want), "{sample} in\n{text}");
+    }
+    drop(holder);
 
     // A store nobody may read any more: not ready, and the reason says so.
     let store_file = dir.state_dir().join("store.enc");

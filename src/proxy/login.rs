@@ -22,12 +22,14 @@ impl From<TokenError> for Failure {
     }
 }
 
-/// Check the local password and get a token for the account it opens.
+/// Check the local password: the account it opens, or why not. Wrong passwords, throttled
+/// answers and store trouble are counted here; a right password is counted by the caller
+/// once it knows whether the account's session cap let it through (`ok` or `limit`).
 /// The password is checked at once; only the answer to a wrong one waits (see `throttle`).
-pub async fn authorize<'c>(
+pub async fn check<'c>(
     conn: &'c Conn,
     credentials: &Credentials,
-) -> Result<(&'c AccountConfig, Arc<AccessToken>), Failure> {
+) -> Result<&'c AccountConfig, Failure> {
     let app = &conn.app;
     let source = conn.peer.ip();
     let verified = app
@@ -37,13 +39,11 @@ pub async fn authorize<'c>(
     let protocol = conn.ctx.config.protocol;
     let key = match verified {
         Ok(key) => {
-            crate::metrics::local_login(protocol, "ok");
             app.throttle
                 .succeeded_among(source, app.registry.store().peers());
             key
         }
         Err(LocalAuthError::BadCredentials) => {
-            crate::metrics::local_login(protocol, "wrong_password");
             let account = app.registry.lookup(&credentials.username);
             tracing::info!(
                 user = %loggable_user(account.map(|a| a.email.as_str()), &credentials.username),
@@ -52,9 +52,12 @@ pub async fn authorize<'c>(
             );
             let key = account.map(|a| a.key());
             let peers = app.registry.store().peers();
-            app.throttle
+            let held = app
+                .throttle
                 .failed(source, key.as_ref().map(|k| k.as_str()), peers)
                 .await;
+            let result = if held { "throttled" } else { "wrong_password" };
+            crate::metrics::local_login(protocol, result);
             return Err(Failure::BadCredentials);
         }
         Err(LocalAuthError::Store(detail)) => {
@@ -71,15 +74,16 @@ pub async fn authorize<'c>(
             });
         }
     };
-    let Some(account) = app.registry.account(&key) else {
-        // A verified password belongs to a configured account; anything else is a bug.
-        return Err(Failure::BadCredentials);
-    };
-    let token = app.tokens.get(&key).await.map_err(|e| {
+    // A verified password belongs to a configured account; anything else is a bug.
+    app.registry.account(&key).ok_or(Failure::BadCredentials)
+}
+
+/// An access token for an account whose password was right.
+pub async fn token(conn: &Conn, account: &AccountConfig) -> Result<Arc<AccessToken>, Failure> {
+    conn.app.tokens.get(&account.key()).await.map_err(|e| {
         tracing::warn!(account = %account.email, peer = %conn.peer, error = %e, "login failed: no access token");
         Failure::from(e)
-    })?;
-    Ok((account, token))
+    })
 }
 
 /// A login attempt ended with `result`, for the status page's recent events.

@@ -166,11 +166,18 @@ async fn attempt<D: Dialect>(
     session: &D::Session,
     credentials: &Credentials,
 ) -> Result<(String, Upstream), Failure> {
-    let (account, token) = login::authorize(conn, credentials).await?;
-    let limit = conn.app.config.limits.upstream_timeout;
-    conn.app.backoff.honour(&account.key(), limit).await?;
-    let up = dialect.login(conn, session, account, token).await?;
-    Ok((account.email.clone(), up))
+    let account = login::check(conn, credentials).await?;
+    let up = async {
+        let token = login::token(conn, account).await?;
+        let limit = conn.app.config.limits.upstream_timeout;
+        conn.app.backoff.honour(&account.key(), limit).await?;
+        dialect.login(conn, session, account, token).await
+    }
+    .await;
+    let full = matches!(up, Err(Failure::TooManySessions { .. }));
+    let result = if full { "limit" } else { "ok" };
+    crate::metrics::local_login(conn.ctx.config.protocol, result);
+    Ok((account.email.clone(), up?))
 }
 
 /// The pre-auth deadline passed: say so (briefly) and close.

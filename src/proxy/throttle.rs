@@ -189,7 +189,13 @@ impl Throttle {
     /// On a shared store (`peers`) it is also counted with the other proxies', so spreading
     /// guesses over replicas gains nothing: the answer waits for whichever count says longer.
     /// An unreachable store leaves the local count alone in charge.
-    pub async fn failed(&self, source: IpAddr, account: Option<&str>, peers: Option<&Peers>) {
+    /// Returns whether the answer was held back (the source or account is being slowed down).
+    pub async fn failed(
+        &self,
+        source: IpAddr,
+        account: Option<&str>,
+        peers: Option<&Peers>,
+    ) -> bool {
         let now = Instant::now();
         let mut at = self.schedule(source, account, now);
         if let Some(peers) = peers {
@@ -204,6 +210,7 @@ impl Throttle {
             at = at.max(now + delay_for(u32::try_from(most).unwrap_or(u32::MAX)));
         }
         tokio::time::sleep_until(at).await;
+        at > now
     }
 
     fn schedule(&self, ip: IpAddr, account: Option<&str>, now: Instant) -> Instant {
