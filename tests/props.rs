@@ -1237,7 +1237,8 @@ fn ends_in_literal_announcement(cmd: &[u8]) -> bool {
         let Some(open) = inner.iter().rposition(|&b| b == b'{') else {
             return false;
         };
-        if open == 0 || inner[open - 1] != b' ' {
+        // As the proxy reads it: a literal is a whole argument or opens a list (`ID ({4}`).
+        if open == 0 || !matches!(inner[open - 1], b' ' | b'(') {
             return false;
         }
         let spec = &inner[open + 1..];
