@@ -41,11 +41,12 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
 return 1";
 
-/// Extend the leases still held (XX: a lease that lapsed meanwhile is not revived).
+/// Extend the leases of sessions still open here; one that lapsed (Redis was unreachable
+/// longer than a lease) is added back, since its session still counts at Gmail.
 const RENEW_LEASES_LUA: &str = r"
 local t = redis.call('TIME')
 local until_ = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i]) end
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], until_, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 return 1";
 
@@ -278,8 +279,19 @@ impl Peers {
                 return;
             };
             let mut call = RENEW_LEASES.prepare_invoke();
-            call.key(&set).arg(LEASE.as_millis() as u64).arg(ids);
+            call.key(&set).arg(LEASE.as_millis() as u64).arg(&ids);
             let _: Result<i64, _> = self.inner.op(call.invoke_async(&mut conn)).await;
+            // A session that ended while this ran may have been added back after its own
+            // removal: remove it again.
+            let ended: Vec<&String> = {
+                let held = lock(&self.leases);
+                ids.iter()
+                    .filter(|id| !held.contains(&(set.clone(), (*id).clone())))
+                    .collect()
+            };
+            if !ended.is_empty() {
+                let _: Result<i64, _> = self.inner.op(conn.zrem(&set, ended)).await;
+            }
         }
     }
 
