@@ -66,9 +66,7 @@ pub async fn authorize<'c>(
             crate::metrics::local_login(protocol, "error");
             // The outage itself is logged once, where it is noticed; not once per login.
             tracing::debug!(error = %detail, "cannot check password");
-            return Err(Failure::Temporary {
-                detail: "the proxy's shared store is unreachable".into(),
-            });
+            return Err(store_unreachable());
         }
     };
     let Some(account) = app.registry.account(&key) else {
@@ -80,6 +78,13 @@ pub async fn authorize<'c>(
         Failure::from(e)
     })?;
     Ok((account, token))
+}
+
+/// The answer when a shared store cannot be reached; its address stays out of client replies.
+pub(crate) fn store_unreachable() -> Failure {
+    Failure::Temporary {
+        detail: "the proxy's shared store is unreachable".into(),
+    }
 }
 
 /// A username for a log line: a configured account as configured; anything else only as a
