@@ -519,6 +519,18 @@ async fn redis_restarted_during_a_run_keeps_sessions_refuses_new_logins_for_a_wh
     }
     open.send_line("n2 NOOP").await;
     assert!(open.read_imap_tagged("n2").await.0.starts_with("n2 OK"));
+    // A Redis that lost the session counts (empty after a failover) gets them back from the
+    // proxies' renewals: the open session counts again within a renewal period (10 s).
+    let set = "test:imap:alice@gmail.com";
+    assert!(cluster.redis.command(&format!("DEL {set}")).is_some());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.redis.command(&format!("ZCARD {set}")).as_deref() != Some(":1\r\n") {
+        assert!(
+            Instant::now() < deadline,
+            "the open session's lease was not renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

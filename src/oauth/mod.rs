@@ -738,8 +738,12 @@ impl Shared {
                 }
                 Ok(None) if Instant::now() < deadline => tokio::time::sleep(PEER_POLL).await,
                 Ok(None) => {
-                    let e = "another proxy is refreshing the access token and has not finished";
-                    return (Err(store_unavailable(acct, e)), false);
+                    let error = TokenError::Temporary {
+                        email: acct.email.clone(),
+                        detail: "another proxy is refreshing the access token".into(),
+                        retry_after: None,
+                    };
+                    return (Err(error), false);
                 }
                 Err(e) => return (Err(store_unavailable(acct, e)), false),
             }
@@ -1189,10 +1193,13 @@ impl Want {
     }
 }
 
+/// A shared store that did not answer: the reply names no address (the outage itself is
+/// logged once, where it is noticed).
 fn store_unavailable(acct: &AccountTokens, e: impl std::fmt::Display) -> TokenError {
+    tracing::debug!(account = %acct.email, error = %e, "shared store");
     TokenError::Temporary {
         email: acct.email.clone(),
-        detail: format!("cannot reach the shared store: {e}"),
+        detail: "the proxy's shared store is unreachable".into(),
         retry_after: None,
     }
 }

@@ -69,9 +69,7 @@ pub async fn check<'c>(
             crate::metrics::local_login(protocol, "error");
             // The outage itself is logged once, where it is noticed; not once per login.
             tracing::debug!(error = %detail, "cannot check password");
-            return Err(Failure::Temporary {
-                detail: "the proxy's shared store is unreachable".into(),
-            });
+            return Err(store_unreachable());
         }
     };
     // A verified password belongs to a configured account; anything else is a bug.
@@ -92,6 +90,13 @@ pub(crate) fn record(conn: &Conn, username: &str, result: &'static str) {
     let user = loggable_user(account.map(|a| a.email.as_str()), username);
     let protocol = conn.ctx.config.protocol;
     (conn.app.activity).login(user, protocol, conn.peer.to_string(), result);
+}
+
+/// The answer when a shared store cannot be reached; its address stays out of client replies.
+pub(crate) fn store_unreachable() -> Failure {
+    Failure::Temporary {
+        detail: "the proxy's shared store is unreachable".into(),
+    }
 }
 
 /// A username for a log line: a configured account as configured; anything else only as a

@@ -154,8 +154,9 @@ async fn leased_slot(
         let lease = peers
             .try_lease(key, limits.imap_connections_per_account)
             .await
-            .map_err(|e| Failure::Temporary {
-                detail: e.to_string(),
+            .map_err(|e| {
+                tracing::debug!(error = %e, "cannot count the account's IMAP sessions");
+                login::store_unreachable()
             })?;
         if let Some(lease) = lease {
             return Ok(Some(ImapSlot {

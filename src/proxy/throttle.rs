@@ -239,8 +239,7 @@ impl Throttle {
 
     /// A login succeeded: the source is trusted again.
     pub fn succeeded(&self, source: IpAddr) {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.sources.remove(&Source::of(source));
+        self.succeeded_among(source, None)
     }
 
     /// As [`Throttle::succeeded`], and the shared count of the source is cleared too (only when

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ::redis::aio::ConnectionManager;
 use ::redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -40,11 +41,12 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
 return 1";
 
-/// Extend the leases still held (XX: a lease that lapsed meanwhile is not revived).
+/// Extend the leases of sessions still open here; one that lapsed (Redis was unreachable
+/// longer than a lease) is added back, since its session still counts at Gmail.
 const RENEW_LEASES_LUA: &str = r"
 local t = redis.call('TIME')
 local until_ = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i]) end
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], until_, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 return 1";
 
@@ -75,6 +77,9 @@ pub struct SharedToken {
 #[derive(Clone)]
 pub struct Peers {
     inner: Arc<Inner>,
+    /// This process's connection for coordination, made on first use by the runtime that
+    /// uses it (the proxy's), so a login's round trip needs no hop through another thread.
+    conn: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     /// Lease ids this process holds, per sorted-set key, for the renewer.
     leases: Arc<Mutex<HashSet<(String, String)>>>,
 }
@@ -110,7 +115,9 @@ impl Drop for Lease {
             return;
         };
         runtime.spawn(async move {
-            let mut conn = peers.inner.conn.clone();
+            let Ok(mut conn) = peers.conn().await else {
+                return;
+            };
             let _: Result<i64, _> = peers.inner.op(conn.zrem(&entry.0, &entry.1)).await;
         });
     }
@@ -120,8 +127,14 @@ impl Peers {
     pub(crate) fn new(inner: Arc<Inner>) -> Peers {
         Peers {
             inner,
+            conn: Default::default(),
             leases: Default::default(),
         }
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let conn = self.conn.get_or_try_init(|| self.inner.connect()).await?;
+        Ok(conn.clone())
     }
 
     /// Why Redis cannot be used now, if it cannot (for `/readyz`).
@@ -131,7 +144,7 @@ impl Peers {
 
     /// The stored access token of the account, if there is a live one.
     pub async fn token(&self, account: &AccountKey) -> Result<Option<SharedToken>, StoreError> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.conn().await?;
         let name = self.inner.name(&format!("token:{account}"));
         let sealed: Option<Vec<u8>> = self.inner.op(conn.get(&name)).await?;
         let Some(sealed) = sealed else {
@@ -174,7 +187,7 @@ impl Peers {
             serde_json::to_vec(&record).map_err(|e| StoreError::Other(e.to_string()))?,
         );
         let sealed = self.inner.key.seal(TOKEN_MAGIC, &plain)?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.conn().await?;
         let name = self.inner.name(&format!("token:{account}"));
         let ms = ttl.as_millis().max(1) as u64;
         self.inner.op(conn.pset_ex(&name, sealed, ms)).await
@@ -184,7 +197,9 @@ impl Peers {
     pub async fn drop_token(&self, account: &AccountKey, token: &Secret) {
         if let Ok(Some(stored)) = self.token(account).await {
             if &stored.token == token {
-                let mut conn = self.inner.conn.clone();
+                let Ok(mut conn) = self.conn().await else {
+                    return;
+                };
                 let name = self.inner.name(&format!("token:{account}"));
                 let _: Result<i64, _> = self.inner.op(conn.del(&name)).await;
             }
@@ -199,7 +214,7 @@ impl Peers {
     ) -> Result<Option<RefreshLock>, StoreError> {
         let key = self.inner.name(&format!("lock:{account}"));
         let holder = format!("{:032x}", rand::random::<u128>());
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.conn().await?;
         let opts = ::redis::SetOptions::default()
             .conditional_set(::redis::ExistenceCheck::NX)
             .with_expiration(::redis::SetExpiry::PX(ttl.as_millis() as u64));
@@ -209,7 +224,9 @@ impl Peers {
 
     /// Give the lock back, unless it lapsed and someone else holds it now.
     pub async fn unlock(&self, lock: RefreshLock) {
-        let mut conn = self.inner.conn.clone();
+        let Ok(mut conn) = self.conn().await else {
+            return;
+        };
         let mut call = COMPARE_AND_DELETE.prepare_invoke();
         call.key(&lock.key).arg(&lock.holder);
         let _: Result<i64, _> = self.inner.op(call.invoke_async(&mut conn)).await;
@@ -223,7 +240,7 @@ impl Peers {
     ) -> Result<Option<Lease>, StoreError> {
         let set = self.inner.name(&format!("imap:{account}"));
         let id = format!("{:032x}", rand::random::<u128>());
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.conn().await?;
         let mut call = TAKE_LEASE.prepare_invoke();
         call.key(&set)
             .arg(cap)
@@ -258,17 +275,30 @@ impl Peers {
             by_set.entry(set).or_default().push(id);
         }
         for (set, ids) in by_set {
-            let mut conn = self.inner.conn.clone();
+            let Ok(mut conn) = self.conn().await else {
+                return;
+            };
             let mut call = RENEW_LEASES.prepare_invoke();
-            call.key(&set).arg(LEASE.as_millis() as u64).arg(ids);
+            call.key(&set).arg(LEASE.as_millis() as u64).arg(&ids);
             let _: Result<i64, _> = self.inner.op(call.invoke_async(&mut conn)).await;
+            // A session that ended while this ran may have been added back after its own
+            // removal: remove it again.
+            let ended: Vec<&String> = {
+                let held = lock(&self.leases);
+                ids.iter()
+                    .filter(|id| !held.contains(&(set.clone(), (*id).clone())))
+                    .collect()
+            };
+            if !ended.is_empty() {
+                let _: Result<i64, _> = self.inner.op(conn.zrem(&set, ended)).await;
+            }
         }
     }
 
     /// Count one failed login under `what` (kept for `window`); returns the count so far.
     pub async fn count_failure(&self, what: &str, window: Duration) -> Result<u64, StoreError> {
         let key = self.inner.name(&format!("fail:{what}"));
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.conn().await?;
         let mut pipe = ::redis::pipe();
         pipe.atomic()
             .incr(&key, 1u64)
@@ -281,7 +311,9 @@ impl Peers {
     /// Forget the failures counted under `what` (a successful login).
     pub async fn clear_failures(&self, what: &str) {
         let key = self.inner.name(&format!("fail:{what}"));
-        let mut conn = self.inner.conn.clone();
+        let Ok(mut conn) = self.conn().await else {
+            return;
+        };
         let _: Result<i64, _> = self.inner.op(conn.del(&key)).await;
     }
 }

@@ -50,7 +50,9 @@ static CAS: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(CA
 pub(crate) struct Inner {
     pub(crate) key: MasterKey,
     pub(crate) prefix: String,
-    pub(crate) conn: ConnectionManager,
+    client: ::redis::Client,
+    /// The connection of the backend's own thread (sync calls, the listener's probe).
+    conn: ConnectionManager,
     /// Bumped on every change notice and reconnect of the listener.
     generation: AtomicU64,
     /// Whether the change listener is subscribed (false while Redis is unreachable).
@@ -88,6 +90,14 @@ impl Inner {
             Ok(Err(e)) => Err(self.unavailable(e)),
             Err(_) => Err(self.unavailable("no answer in time")),
         }
+    }
+
+    /// A new connection, driven by the runtime this is called on.
+    pub(crate) async fn connect(&self) -> Result<ConnectionManager, StoreError> {
+        let made = self
+            .client
+            .get_connection_manager_with_config(manager_config());
+        self.op(made).await
     }
 
     fn set_up(&self, up: bool, why: Option<String>) {
@@ -172,21 +182,20 @@ impl RedisBackend {
         let client = ::redis::Client::open(url)
             .map_err(|e| StoreError::Other(format!("[store] url {where_}: {e}")))?;
         let worker = Worker::start()?;
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
         let (c, w) = (client.clone(), where_.clone());
         let conn = worker.block(async move {
-            tokio::time::timeout(OP_TIMEOUT, c.get_connection_manager_with_config(config))
-                .await
-                .map_err(|_| StoreError::Unavailable(format!("{w}: no answer in time")))?
-                .map_err(|e| StoreError::Unavailable(format!("{w}: {e}")))
+            tokio::time::timeout(
+                OP_TIMEOUT,
+                c.get_connection_manager_with_config(manager_config()),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("{w}: no answer in time")))?
+            .map_err(|e| StoreError::Unavailable(format!("{w}: {e}")))
         })?;
         let inner = Arc::new(Inner {
             key,
             prefix: prefix.to_string(),
+            client: client.clone(),
             conn,
             generation: AtomicU64::new(0),
             up: AtomicBool::new(false),
@@ -356,6 +365,16 @@ async fn follow(inner: &Inner, mut messages: ::redis::aio::PubSubStream) -> Stri
             }
         }
     }
+}
+
+/// Every connection's bounds: an unreachable Redis is noticed within seconds, and the manager
+/// reconnects by itself.
+fn manager_config() -> ::redis::aio::ConnectionManagerConfig {
+    ::redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(OP_TIMEOUT))
+        .set_response_timeout(Some(OP_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
 }
 
 /// The URL without its password, for messages.
