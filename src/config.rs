@@ -324,13 +324,22 @@ pub struct Limits {
     pub preauth_timeout: Duration,
     pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
-    /// Gmail allows 15 simultaneous IMAP connections per account; more are refused here.
-    pub imap_connections_per_account: usize,
+    /// Simultaneous upstream IMAP sessions per account; more are refused here. None: the
+    /// provider's own limit (Gmail 15, Exchange Online 20).
+    pub imap_connections_per_account: Option<usize>,
     /// Connections from one address (IPv6: one /64) that may be logging in at once.
     pub max_pending_per_source: usize,
     /// How long a login that finds the account's IMAP sessions all taken waits for one to end:
     /// a client that logs out and straight back in must not be refused for the release's lag.
     pub imap_slot_wait: Duration,
+}
+
+impl Limits {
+    /// The IMAP sessions an account of `provider` may have open upstream at once.
+    pub fn imap_sessions(&self, provider: &dyn Provider) -> usize {
+        self.imap_connections_per_account
+            .unwrap_or_else(|| provider.imap_sessions())
+    }
 }
 
 impl Default for Limits {
@@ -340,7 +349,7 @@ impl Default for Limits {
             preauth_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
-            imap_connections_per_account: 15,
+            imap_connections_per_account: None,
             max_pending_per_source: 64,
             imap_slot_wait: Duration::from_secs(2),
         }
@@ -877,10 +886,7 @@ fn limits(raw: &RawLimits, cx: &Context) -> Result<Limits, ConfigError> {
         preauth_timeout: secs_or(raw.preauth_timeout_secs, d.preauth_timeout),
         upstream_timeout: secs_or(raw.upstream_timeout_secs, d.upstream_timeout),
         shutdown_grace: secs_or(raw.shutdown_grace_secs, d.shutdown_grace),
-        imap_connections_per_account: raw
-            .imap_connections_per_account
-            .unwrap_or(d.imap_connections_per_account)
-            .max(1),
+        imap_connections_per_account: raw.imap_connections_per_account.map(|n| n.max(1)),
         max_pending_per_source: raw
             .max_pending_per_source
             .unwrap_or(d.max_pending_per_source)
@@ -1151,6 +1157,21 @@ email = "Alice@Gmail.com"
             .unwrap_err()
             .to_string()
             .contains("already binds"));
+    }
+
+    #[test]
+    fn each_provider_caps_imap_sessions_at_its_own_limit_unless_the_config_sets_one() {
+        let text = "state_dir = \"s\"\n[providers.microsoft]\nclient_id = \"app\"\n[[account]]\nemail = \"bob@contoso.com\"\nprovider = \"microsoft\"\n[[account]]\nemail = \"a@gmail.com\"\n";
+        let c = parse(text).unwrap();
+        let (bob, alice) = (c.accounts[0].provider, c.accounts[1].provider);
+        assert_eq!(c.limits.imap_sessions(alice), 15);
+        assert_eq!(c.limits.imap_sessions(bob), 20);
+        let c = parse(&format!(
+            "{text}[limits]\nimap_connections_per_account = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.imap_sessions(alice), 4);
+        assert_eq!(c.limits.imap_sessions(bob), 4);
     }
 
     #[test]

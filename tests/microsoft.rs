@@ -129,6 +129,35 @@ async fn one_imap_listener_serves_a_microsoft_and_a_gmail_account_each_with_its_
     );
 }
 
+/// A logged-in IMAP session of `email`, held open.
+async fn imap_session(w: &World, email: &str) -> TestClient {
+    let mut c = TestClient::connect(w.proxy.addrs[0]).await;
+    c.read_line().await;
+    let password = &w.passwords[email];
+    c.send_line(&format!("s LOGIN {email} {password}")).await;
+    let (tagged, _) = c.read_imap_tagged("s").await;
+    assert!(tagged.starts_with("s OK"), "{email}: {tagged}");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_microsoft_mailbox_gets_exchanges_twenty_imap_sessions_and_gmail_keeps_fifteen() {
+    let w = world().await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(imap_session(&w, BOB).await);
+    }
+    let refused = imap_login(&w, BOB).await;
+    assert!(refused.starts_with("a1 NO [LIMIT]"), "{refused}");
+    assert!(refused.contains("20 open sessions"), "{refused}");
+    for _ in 0..15 {
+        held.push(imap_session(&w, ALICE).await);
+    }
+    let refused = imap_login(&w, ALICE).await;
+    assert!(refused.starts_with("a1 NO [LIMIT]"), "{refused}");
+    assert!(refused.contains("15 open sessions"), "{refused}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn exchange_refusing_a_token_with_one_line_gets_one_refresh_and_one_retry() {
     let w = world().await;

@@ -98,6 +98,11 @@ impl Provider for Microsoft {
         &[("prompt", "select_account")]
     }
 
+    fn imap_sessions(&self) -> usize {
+        // Exchange Online's reported limit per mailbox (protocol-facts §4.1).
+        20
+    }
+
     fn loopback_host(&self) -> &'static str {
         // Entra ignores the port of a registered http://localhost, but 127.0.0.1 would have
         // to be registered on its own (through the manifest).

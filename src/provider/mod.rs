@@ -102,6 +102,10 @@ pub trait Provider: std::fmt::Debug + Send + Sync + 'static {
         let _ = protocol;
         false
     }
+    /// How many IMAP sessions one account may have open at the provider at once (Gmail: 15).
+    fn imap_sessions(&self) -> usize {
+        15
+    }
     /// Whether a refresh request repeats the scopes (Microsoft's v2.0 endpoint wants them).
     fn scope_on_refresh(&self) -> bool {
         false

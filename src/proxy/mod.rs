@@ -118,20 +118,23 @@ impl App {
     /// On a shared store the sessions of every proxy count.
     pub async fn imap_slot(&self, account: &AccountConfig) -> Result<ImapSlot, Failure> {
         let limits = &self.config.limits;
+        let cap = limits.imap_sessions(account.provider);
         let full = || Failure::TooManySessions {
             email: account.email.clone(),
-            limit: limits.imap_connections_per_account,
+            limit: cap,
         };
         let key = account.key();
         if let Some(peers) = self.registry.store().peers() {
-            return leased_slot(peers, &key, limits).await?.ok_or_else(full);
+            return leased_slot(peers, &key, cap, limits)
+                .await?
+                .ok_or_else(full);
         }
         let slots = self
             .imap_slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(key)
-            .or_insert_with(|| Arc::new(Semaphore::new(limits.imap_connections_per_account)))
+            .or_insert_with(|| Arc::new(Semaphore::new(cap)))
             .clone();
         match tokio::time::timeout(limits.imap_slot_wait, slots.acquire_owned()).await {
             Ok(Ok(permit)) => Ok(ImapSlot {
@@ -147,17 +150,15 @@ impl App {
 async fn leased_slot(
     peers: &Peers,
     key: &AccountKey,
+    cap: usize,
     limits: &crate::config::Limits,
 ) -> Result<Option<ImapSlot>, Failure> {
     let deadline = tokio::time::Instant::now() + limits.imap_slot_wait;
     loop {
-        let lease = peers
-            .try_lease(key, limits.imap_connections_per_account)
-            .await
-            .map_err(|e| {
-                tracing::debug!(error = %e, "cannot count the account's IMAP sessions");
-                login::store_unreachable()
-            })?;
+        let lease = peers.try_lease(key, cap).await.map_err(|e| {
+            tracing::debug!(error = %e, "cannot count the account's IMAP sessions");
+            login::store_unreachable()
+        })?;
         if let Some(lease) = lease {
             return Ok(Some(ImapSlot {
                 _permit: None,
