@@ -6,7 +6,7 @@ mod cmd;
 mod harness;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -200,23 +200,7 @@ struct Served {
 
 impl Served {
     fn start(config: &Path) -> Served {
-        let mut child = Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "trace")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let (child, log) = cmd::serve_logging(config, "trace");
         Served { child, log }
     }
 

@@ -12,6 +12,28 @@ use crate::support::{FakeGoogle, CLIENT_ID, CLIENT_SECRET};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_xoauth2-proxy");
 
+/// `serve -c CONFIG` with `RUST_LOG=level`, its stderr collected line by line as it comes.
+pub fn serve_logging(config: &Path, level: &str) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(config)
+        .env("RUST_LOG", level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
+}
+
 /// A finished command.
 #[derive(Debug)]
 pub struct Output {

@@ -842,17 +842,24 @@ fn device_code(state: &GoogleHandle, req: &Request) -> Response {
     )
 }
 
+impl Inner {
+    /// The scripted answer to the next device-code poll (the last one repeats).
+    pub(super) fn next_device_answer(&mut self) -> String {
+        let step = self
+            .device_polls
+            .min(self.device_script.len().saturating_sub(1));
+        self.device_polls += 1;
+        self.device_script.get(step).cloned().unwrap_or_default()
+    }
+}
+
 /// RFC 8628 §3.5: the next scripted answer to a poll.
 fn device_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Response {
     if params.get("device_code").map(String::as_str) != Some(DEVICE_CODE) {
         return oauth_error(400, "bad_verification_code", None);
     }
     let mut inner = lock(&state.0.inner);
-    let step = inner
-        .device_polls
-        .min(inner.device_script.len().saturating_sub(1));
-    inner.device_polls += 1;
-    let answer = inner.device_script.get(step).cloned().unwrap_or_default();
+    let answer = inner.next_device_answer();
     if answer != "ok" {
         return oauth_error(400, &answer, None);
     }

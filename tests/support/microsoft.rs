@@ -354,11 +354,7 @@ fn device_grant(state: &GoogleHandle, params: &HashMap<String, String>) -> Respo
         );
     }
     let mut inner = lock(&state.0.inner);
-    let step = inner
-        .device_polls
-        .min(inner.device_script.len().saturating_sub(1));
-    inner.device_polls += 1;
-    let answer = inner.device_script.get(step).cloned().unwrap_or_default();
+    let answer = inner.next_device_answer();
     if answer != "ok" {
         return aadsts(400, &answer, &format!("AADSTS70016: {answer}"));
     }
